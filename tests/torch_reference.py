@@ -1,0 +1,240 @@
+"""Pure-PyTorch reference of MAE pre-training and SBAM masking, for parity tests.
+
+Written after facebookresearch/mae `models_mae.py` + timm's `Block` (the key
+names of SPEC section 5), without timm. Masking takes explicit shuffle ids and
+a keep length per sample, so JAX and torch see the same masks; samples are
+encoded one at a time, which is the variable-length computation that the JAX
+padded version must equal.
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sincos_table(dim: int, grid: int, cls: bool = True) -> np.ndarray:
+  """MAE's get_2d_sincos_pos_embed, written again in float64 numpy."""
+  gh = np.arange(grid, dtype=np.float64)
+  gw = np.arange(grid, dtype=np.float64)
+  mesh = np.meshgrid(gw, gh)  # w first, as MAE
+  mesh = np.stack(mesh, axis=0).reshape(2, 1, grid, grid)
+
+  def one_d(d, pos):
+    omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  emb = np.concatenate([one_d(dim // 2, mesh[0]), one_d(dim // 2, mesh[1])], axis=1)
+  if cls:
+    emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+  return emb
+
+
+class Attention(nn.Module):
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.heads = heads
+    self.qkv = nn.Linear(dim, dim * 3, bias=True)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+    attn = attn.softmax(dim=-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1 = nn.Linear(dim, hidden)
+    self.fc2 = nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+  def __init__(self, dim, heads, mlp_ratio=4.0):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = Attention(dim, heads)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+  def __init__(self, patch, chans, dim):
+    super().__init__()
+    self.proj = nn.Conv2d(chans, dim, kernel_size=patch, stride=patch)
+
+  def forward(self, x):
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TorchMAE(nn.Module):
+  def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
+               decoder_depth, decoder_num_heads, mlp_ratio=4.0, norm_pix_loss=True, in_chans=3):
+    super().__init__()
+    self.patch_size = patch_size
+    self.norm_pix_loss = norm_pix_loss
+    grid = img_size // patch_size
+    L = grid * grid
+    self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim), requires_grad=False)
+    self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+    self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+    self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+    self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, decoder_embed_dim),
+                                          requires_grad=False)
+    self.decoder_blocks = nn.ModuleList(
+        [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
+    self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+    self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+    if self.pos_embed.device.type != "meta":
+      self.pos_embed.data.copy_(torch.from_numpy(sincos_table(embed_dim, grid)).float()[None])
+      self.decoder_pos_embed.data.copy_(
+          torch.from_numpy(sincos_table(decoder_embed_dim, grid)).float()[None])
+
+  @classmethod
+  def from_config(cls, cfg, **kw):
+    return cls(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+               cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio,
+               cfg.norm_pix_loss, cfg.in_chans, **kw)
+
+  def patchify(self, imgs):
+    p = self.patch_size
+    n, c, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(n, c, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, h * w, p * p * c)
+
+  def tokens(self, imgs):
+    return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+
+  def forward_encoder(self, x, ids_shuffle, len_keep):
+    """x: patch tokens (N, L, D) of samples that share `len_keep`."""
+    n, L, d = x.shape
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, d))
+    mask = torch.ones(n, L)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in self.blocks:
+      x = blk(x)
+    return self.norm(x), mask, ids_restore
+
+  def forward_decoder(self, x, ids_restore):
+    x = self.decoder_embed(x)
+    n, L = ids_restore.shape
+    mask_tokens = self.mask_token.repeat(n, L + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+    for blk in self.decoder_blocks:
+      x = blk(x)
+    return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+  def forward_loss(self, imgs, pred, mask):
+    target = self.patchify(imgs)
+    if self.norm_pix_loss:
+      mean = target.mean(dim=-1, keepdim=True)
+      var = target.var(dim=-1, keepdim=True)
+      target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+  def forward(self, imgs, ids_shuffle, len_keep):
+    """imgs NCHW; ids_shuffle (N, L); len_keep: per-sample ints.
+    Returns loss, pred, mask, and the per-sample latents (variable length)."""
+    x = self.tokens(imgs)
+    latents, preds, masks = [], [], []
+    for i in range(imgs.shape[0]):
+      lat, mask, restore = self.forward_encoder(x[i:i + 1], ids_shuffle[i:i + 1], int(len_keep[i]))
+      latents.append(lat)
+      masks.append(mask)
+      preds.append(self.forward_decoder(lat, restore))
+    pred, mask = torch.cat(preds), torch.cat(masks)
+    return self.forward_loss(imgs, pred, mask), pred, mask, latents
+
+
+def exact_keep_length(L, mask_ratio, ratio_var=0.0, mean_count=fractions.Fraction(0)):
+  """floor(L (1 - r)) with r = r0 - v + 2 v * mean_count / L, in exact rationals,
+  clipped to [1, L - 1]."""
+  r0 = fractions.Fraction(repr(mask_ratio))
+  v = fractions.Fraction(repr(ratio_var))
+  r = r0 - v + 2 * v * fractions.Fraction(mean_count) / L
+  return min(max(math.floor(L * (1 - r)), 1), L - 1)
+
+
+def torch_salience(tokens: torch.Tensor) -> torch.Tensor:
+  """Outgoing attention of the public SBAM code, in float64, guarded min-max."""
+  x = tokens.detach().double()
+  attn = (x @ x.transpose(-2, -1)).softmax(dim=-1)
+  s = attn.sum(dim=1)
+  lo = s.min(dim=-1, keepdim=True).values
+  span = s.max(dim=-1, keepdim=True).values - lo
+  return torch.where(span > 0, (s - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                     torch.zeros_like(s))
+
+
+def torch_sbam_ids(tokens, noise, mask_ratio, ratio_var, delta, group_size):
+  """(ids_shuffle, len_keep list) for SBM/AMR with explicit noise."""
+  s = torch_salience(tokens)
+  n, L = s.shape
+  counts = (s > delta).sum(dim=-1).tolist()
+  keep = []
+  for g in range(0, n, group_size):
+    mean = fractions.Fraction(sum(counts[g:g + group_size]), group_size)
+    keep += [exact_keep_length(L, mask_ratio, ratio_var, mean)] * group_size
+  ids_shuffle = torch.argsort(s + noise.double(), dim=1)
+  return ids_shuffle, keep
+
+
+class TorchViT(nn.Module):
+  """MAE's models_vit.VisionTransformer (timm layout), inference path."""
+
+  def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, num_classes,
+               global_pool=True, mlp_ratio=4.0, in_chans=3):
+    super().__init__()
+    L = (img_size // patch_size) ** 2
+    self.global_pool = global_pool
+    self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim))
+    self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+    self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+    if global_pool:
+      self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+    self.head = nn.Linear(embed_dim, num_classes)
+
+  def forward(self, imgs):
+    x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+    cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in self.blocks:
+      x = blk(x)
+    if self.global_pool:
+      feat = self.fc_norm(x[:, 1:, :].mean(dim=1))
+    else:
+      feat = self.norm(x)[:, 0]
+    return self.head(feat)
