@@ -1,0 +1,190 @@
+"""tf.data input pipeline: order, per-process sharding, decoding, batching.
+
+Order. An epoch is a permutation of the split drawn from (seed, epoch)
+(training) or the split in order (evaluation). Global batch s holds positions
+[s G, (s + 1) G) of it; process p reads only its slice [p B, (p + 1) B) of
+each global batch (B = G / processes), so processes are disjoint, their
+union is the split, and concatenating their pieces in process order gives the
+global batch (what `jax.make_array_from_process_local_data` expects). An
+epoch has `examples // G` steps (the remainder is dropped, as the PyTorch
+reference's DistributedSampler + drop_last does); evaluation instead pads the
+last batch and marks padding with `valid = False`. `start_step` positions the
+stream at any global step: a resumed run sees exactly the batches the
+uninterrupted run saw, augmentations included (stateless per-image seeds).
+
+Robustness. Each image is decoded inside its own tiny dataset with
+`ignore_errors`, so a corrupt, truncated or empty file yields a placeholder
+flagged not-ok instead of ending the run; the host replaces it by another
+image of the same batch (training) or marks it invalid (evaluation), counts
+it, and remembers its name. Batches keep their size and every process keeps
+the same number of steps.
+
+tfds sources read their process's part of the split
+(`tfds.split_for_jax_process`), with file order and a shuffle buffer seeded
+from (seed, epoch), in this same framework.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from sbam_jax.data import sources as src
+from sbam_jax.data.tf_env import import_tf
+
+tf = import_tf()
+AUTOTUNE = tf.data.AUTOTUNE
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
+class InputPipeline:
+  """Iterator of host batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32,
+  'valid': (B,) bool} for one process. `threads` caps the decoding threads
+  (default: tf.data's, one per visible core)."""
+
+  def __init__(self, source: Union[src.FolderSource, src.TfdsSource], transform: Callable, *,
+               global_batch: int, image_size: int, train: bool = True, seed: int = 0,
+               process_index: int = 0, process_count: int = 1, start_step: int = 0,
+               num_epochs: Optional[int] = None, shuffle_buffer: int = 16_384,
+               threads: Optional[int] = None, max_skipped_names: int = 20):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} does not split over {process_count} "
+                       f"processes")
+    self.source = source
+    self.transform = transform
+    self.global_batch = global_batch
+    self.local_batch = global_batch // process_count
+    self.image_size = image_size
+    self.train = train
+    self.seed = int(seed)
+    self.process_index = process_index
+    self.process_count = process_count
+    self.shuffle_buffer = shuffle_buffer
+    self.threads = threads
+    n = source.num_examples
+    if train:
+      self.steps_per_epoch = n // global_batch
+      if self.steps_per_epoch == 0:
+        raise src.DataError(f"{_describe(source)} has {n} images, fewer than one global batch "
+                            f"of {global_batch}")
+    else:
+      self.steps_per_epoch = -(-n // global_batch)
+    self.num_epochs = num_epochs if train else 1
+    self.start_step = start_step
+    self.skipped = 0
+    self.skipped_names: list[str] = []
+    self._max_names = max_skipped_names
+
+  # ---- order -------------------------------------------------------------
+
+  def epoch_positions(self, epoch: int) -> np.ndarray:
+    """(steps, B) indices into the split for this process (-1 = padding)."""
+    n, g, b, p = self.source.num_examples, self.global_batch, self.local_batch, self.process_index
+    if self.train:
+      order = np.random.default_rng((self.seed, epoch)).permutation(n)
+      order = order[:self.steps_per_epoch * g]
+    else:
+      order = np.full(self.steps_per_epoch * g, -1, np.int64)
+      order[:n] = np.arange(n)
+    return order.reshape(-1, g)[:, p * b:(p + 1) * b]
+
+  # ---- tf.data -------------------------------------------------------------
+
+  def _folder_elements(self, epoch: int, offset: int):
+    """This process's (path, label, seed, pad) for one epoch, from step `offset`."""
+    pos = self.epoch_positions(epoch)[offset:].reshape(-1)
+    safe = np.maximum(pos, 0)
+    paths = np.where(pos >= 0, self.source.paths[safe], "").astype(np.bytes_)
+    labels = np.where(pos >= 0, self.source.labels[safe], 0).astype(np.int32)
+    seeds = np.stack([np.full_like(pos, self.seed * _EPOCH_SEED_STRIDE + epoch), safe], 1)
+    return tf.data.Dataset.from_tensor_slices((paths, labels, seeds.astype(np.int64), pos < 0))
+
+  def _tfds_elements(self, epoch: int, offset: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    source = self.source
+    split = tfds.split_for_jax_process(source.split, process_index=self.process_index,
+                                       process_count=self.process_count)
+    epoch_seed = self.seed * _EPOCH_SEED_STRIDE + epoch
+    ds = tfds.load(source.name, split=split, data_dir=source.data_dir, shuffle_files=self.train,
+                   read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, try_autocache=False),
+                   decoders={source.image_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: (ex[source.image_key], tf.cast(ex[source.label_key], tf.int32), False))
+    if self.train:
+      ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    # Evaluation: shards differ by at most one image; pad every process to the same length.
+    pad = tf.data.Dataset.from_tensors((tf.constant(b""), 0, True)).repeat()
+    ds = ds.concatenate(pad).take(self.steps_per_epoch * self.local_batch)
+    ds = ds.enumerate().skip(offset * self.local_batch)
+    return ds.map(lambda i, ex: (ex[0], ex[1], tf.stack([tf.constant(epoch_seed, tf.int64), i]),
+                                 ex[2]))
+
+  def _decode(self, data, label, seed, pad, read_file: bool):
+    size = self.image_size
+
+    def attempt(d, s):
+      encoded = tf.io.read_file(d) if read_file else d
+      img = tf.ensure_shape(self.transform(encoded, s), [size, size, 3])
+      return img, True
+
+    good = tf.data.Dataset.from_tensors((data, seed)).map(attempt).ignore_errors()
+    fallback = tf.data.Dataset.from_tensors((tf.zeros([size, size, 3], tf.uint8), False))
+    name = data if read_file else tf.strings.as_string(seed[1])
+    return good.concatenate(fallback).take(1).map(
+        lambda img, ok: {"image": img, "label": label, "ok": ok, "pad": pad, "name": name})
+
+  def epoch_dataset(self, epoch: int, offset: int = 0) -> "tf.data.Dataset":
+    """Batches of one epoch for this process, starting at step `offset`."""
+    folder = isinstance(self.source, src.FolderSource)
+    elements = (self._folder_elements if folder else self._tfds_elements)(epoch, offset)
+    ds = elements.interleave(lambda d, lab, s, pd: self._decode(d, lab, s, pd, folder),
+                             cycle_length=AUTOTUNE, block_length=1, num_parallel_calls=AUTOTUNE,
+                             deterministic=True)
+    ds = ds.batch(self.local_batch, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    # Parallel over images, one thread per op: per-op threads only contend.
+    options.threading.max_intra_op_parallelism = 1
+    if self.threads:
+      options.threading.private_threadpool_size = self.threads
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+  # ---- host side ---------------------------------------------------------
+
+  def _finish(self, batch: dict) -> dict:
+    ok, pad = batch["ok"], batch["pad"]
+    bad = ~ok & ~pad
+    if bad.any():
+      self.skipped += int(bad.sum())
+      for name in batch["name"][bad][: self._max_names - len(self.skipped_names)]:
+        self.skipped_names.append(name.decode(errors="replace"))
+        logging.warning("skipped an image that failed to decode: %s", self.skipped_names[-1])
+      if self.train:
+        good = np.flatnonzero(ok)
+        if good.size == 0:
+          raise src.DataError(f"no image of a whole batch could be decoded from "
+                              f"{_describe(self.source)}; first: {self.skipped_names[:3]}")
+        # Fill each failed slot with a decodable image of the same batch.
+        batch["image"], batch["label"] = batch["image"].copy(), batch["label"].copy()
+        for i, slot in enumerate(np.flatnonzero(bad)):
+          src_i = good[i % good.size]
+          batch["image"][slot] = batch["image"][src_i]
+          batch["label"][slot] = batch["label"][src_i]
+        ok = np.ones_like(ok)
+    return {"image": batch["image"], "label": batch["label"].astype(np.int32),
+            "valid": ok & ~pad}
+
+  def __iter__(self) -> Iterator[dict]:
+    epoch, offset = divmod(self.start_step, self.steps_per_epoch)
+    while self.num_epochs is None or epoch < self.num_epochs:
+      for batch in self.epoch_dataset(epoch, offset).as_numpy_iterator():
+        yield self._finish(batch)
+      epoch, offset = epoch + 1, 0
+
+
+def _describe(source) -> str:
+  if isinstance(source, src.FolderSource):
+    return f"{source.root}/{source.split}"
+  return f"tfds {source.name}:{source.split}"
