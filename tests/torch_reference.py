@@ -222,9 +222,10 @@ class TorchViT(nn.Module):
     self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
     self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim))
     self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-    self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
     if global_pool:
-      self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+      self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)  # MAE deletes `norm` here
+    else:
+      self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
     self.head = nn.Linear(embed_dim, num_classes)
 
   def forward(self, imgs):

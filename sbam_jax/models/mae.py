@@ -32,7 +32,8 @@ class Encoder(nnx.Module):
   """ViT encoder shared by MAE and the classifier: patch embedding, cls token,
   position table (fixed sin-cos for MAE, learned for fine-tuning), blocks, norm."""
 
-  def __init__(self, cfg: ModelConfig, *, learned_pos: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, learned_pos: bool = False, final_norm: bool = True,
+               rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     d = cfg.embed_dim
     self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d, dtype, rngs=rngs)
@@ -41,7 +42,8 @@ class Encoder(nnx.Module):
     self.pos_embed = nnx.Param(table) if learned_pos else FixedEmbed(table)
     self.blocks = BlockStack(cfg.depth, d, cfg.num_heads, cfg.mlp_ratio, dtype=dtype,
                              impl=cfg.attention, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
-    self.norm = layer_norm(d, rngs)
+    # MAE's global-pool classifier deletes `norm` (it uses `fc_norm`).
+    self.norm = layer_norm(d, rngs) if final_norm else None
 
   def embed_patches(self, imgs: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, L, D): patch embedding + position table, no cls.

@@ -25,10 +25,9 @@ class VisionTransformer(nnx.Module):
                drop_path_rate: float = 0.0, rngs: nnx.Rngs):
     self.global_pool = global_pool
     self.drop_path_rate = drop_path_rate
-    self.encoder = Encoder(cfg, learned_pos=True, rngs=rngs)
+    self.encoder = Encoder(cfg, learned_pos=True, final_norm=not global_pool, rngs=rngs)
     d = cfg.embed_dim
     if global_pool:
-      # The encoder's `norm` stays in the tree (checkpoints carry it) but is unused.
       self.fc_norm = layer_norm(d, rngs)
     self.head = nnx.Linear(d, num_classes, kernel_init=nnx.initializers.truncated_normal(2e-5),
                            bias_init=nnx.initializers.zeros, param_dtype=jnp.float32, rngs=rngs)
