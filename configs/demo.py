@@ -1,0 +1,28 @@
+"""The demo: a tiny SBAM model on the bundled photos, a few minutes on 2 CPU cores.
+
+  python train.py --config configs/demo.py --workdir runs/demo
+
+Writes checkpoints, TensorBoard events, metrics.jsonl and reconstruction
+figures (figures/*.png) under the workdir.
+"""
+
+from configs import common
+from configs import pretrain
+
+
+def get_config(arg: str = ""):
+  del arg
+  c = pretrain.get_config("base,sbam")
+  c.model = common.model("tiny", img_size=64, patch_size=8)
+  c.masking.group = "sample"
+  c.random_epochs = 2
+  c.data.source = "demo"
+  c.batch_size = 32
+  c.accum_steps = 1
+  c.epochs = 24
+  c.warmup_epochs = 2
+  c.blr = 1.5e-3
+  c.log_every = 15
+  c.checkpoint_every = 120
+  c.figure_every = 180
+  return c

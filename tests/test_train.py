@@ -1,0 +1,191 @@
+"""train.py end to end: the demo, exact resume after SIGKILL, SIGTERM, NaN,
+bad configs, and 8 simulated devices (data x FSDP) against one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sbam_jax import config as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import demo as demo_config  # noqa: E402
+
+SHORT = ["--config.epochs=3", "--config.warmup_epochs=1", "--config.random_epochs=1",
+         "--config.log_every=1", "--config.checkpoint_every=5", "--config.figure_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+def launch(workdir, cache, *overrides, devices=1):
+  env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+         os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir), *overrides]
+  return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def run(workdir, cache, *overrides, devices=1):
+  proc = launch(workdir, cache, *overrides, devices=devices)
+  out, _ = proc.communicate(timeout=600)
+  return proc.returncode, out
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_state(workdir):
+  import orbax.checkpoint as ocp
+  ckpt = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  tree = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "default"))
+  return step, tree
+
+
+def test_demo_run_learns_and_writes_everything(tmp_path, cache):
+  code, out = run(tmp_path, cache, "--config.epochs=6", "--config.figure_every=45",
+                  "--config.log_every=15", "--config.checkpoint_every=45")
+  assert code == 0, out
+  losses = [m["loss"] for m in metrics(tmp_path)]
+  assert losses[-1] < losses[0] - 0.1, losses
+  rows = metrics(tmp_path)
+  assert rows[0]["mask_ratio_mean"] == pytest.approx(0.75)  # random masking first
+  assert rows[-1]["mask_ratio_mean"] < 0.75 and "frac_above_delta" in rows[-1]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["45", "90"]
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+  figs = sorted(os.listdir(tmp_path / "figures"))
+  assert figs == ["step_0000045.png", "step_0000090.png"]
+  assert "step 90/90" in out
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  code, out = run(straight, cache, *SHORT)
+  assert code == 0, out
+  proc = launch(killed, cache, *SHORT)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    ckpts = killed / "checkpoints"
+    done = [d for d in (os.listdir(ckpts) if ckpts.exists() else []) if d.isdigit()]
+    if any(int(d) >= 20 for d in done):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  code, out = run(killed, cache, *SHORT)
+  assert code == 0, out
+  step_a, a = final_state(straight)
+  step_b, b = final_state(killed)
+  assert step_a == step_b == 45
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_exits(tmp_path, cache):
+  proc = launch(tmp_path, cache, *SHORT, "--config.epochs=40")
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step 7/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = "".join(lines) + proc.communicate(timeout=300)[0]
+  assert proc.returncode == 143, out
+  assert "SIGTERM: saving step" in out
+  saved = int(out.split("SIGTERM: saving step ")[1].split()[0])
+  assert str(saved) in os.listdir(tmp_path / "checkpoints")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, cache):
+  code, out = run(tmp_path, cache, *SHORT, "--config.blr=1e12", "--config.warmup_epochs=0")
+  assert code == 3, out
+  assert "not finite" in out and "last good checkpoint" in out
+
+
+def test_eight_devices_with_fsdp_match_one_device(tmp_path, cache):
+  overrides = ["--config.epochs=2", "--config.warmup_epochs=1", "--config.random_epochs=1",
+               "--config.log_every=1", "--config.checkpoint_every=100",
+               "--config.figure_every=1000", "--config.masking.group=global"]
+  code, out = run(tmp_path / "one", cache, *overrides)
+  assert code == 0, out
+  code, out = run(tmp_path / "eight", cache, *overrides, "--config.mesh.fsdp=2", devices=8)
+  assert code == 0, out
+  assert "mesh {'data': 4, 'fsdp': 2}" in out
+  one = [m["loss"] for m in metrics(tmp_path / "one")]
+  eight = [m["loss"] for m in metrics(tmp_path / "eight")]
+  np.testing.assert_allclose(eight, one, rtol=2e-4)
+
+
+def test_fsdp_splits_parameters_and_moments():
+  from jax.sharding import Mesh
+  from sbam_jax.models import model_config, MaskedAutoencoder
+  from sbam_jax.train import sharding
+  from flax import nnx
+  import optax
+  devices = [jax.devices()[0]] * 1
+  model = nnx.eval_shape(lambda: MaskedAutoencoder(model_config("base"), rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  opt = jax.eval_shape(optax.adamw(1e-3).init, params)
+  total = sum(np.prod(x.shape) for x in jax.tree.leaves((params, opt)))
+  for fsdp in (2, 4, 8):
+    specs = jax.tree.map(lambda x: sharding.leaf_spec(x.shape, fsdp), (params, opt))
+    per_device = sum(np.prod(x.shape) / (fsdp if "fsdp" in tuple(s) else 1)
+                     for x, s in zip(jax.tree.leaves((params, opt)), jax.tree.leaves(
+                         specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))))
+    assert per_device / total < 1 / fsdp * 1.01, (fsdp, per_device / total)
+  del devices, Mesh
+
+
+def demo():
+  return demo_config.get_config()
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: setattr(c, "batch_size", 33), "batch_size 33"),
+    (lambda c: setattr(c, "accum_steps", 0), "accum_steps"),
+    (lambda c: setattr(c.masking, "mask_ratio", 1.2), "mask_ratio"),
+    (lambda c: setattr(c.masking, "ratio_var", 0.4), "inside"),
+    (lambda c: setattr(c.masking, "capacity", "bucketed"), "bucketed"),
+    (lambda c: setattr(c, "warmup_epochs", 30), "warmup_epochs"),
+    (lambda c: setattr(c, "random_epochs", 99), "random_epochs"),
+    (lambda c: setattr(c.data, "source", "s3"), "data.source"),
+    (lambda c: setattr(c.model, "img_size", 60), "multiple of patch_size"),
+    (lambda c: setattr(c.mesh, "fsdp", 3), "batch_size|mesh.fsdp"),
+    (lambda c: setattr(c, "blr", -1.0), "blr"),
+    (lambda c: setattr(c.masking, "group", "node"), "masking.group"),
+])
+def test_bad_configs_fail_before_compilation(change, match):
+  c = demo()
+  c.unlock()
+  change(c)
+  with pytest.raises(C.ConfigError, match=match):
+    C.check_pretrain(c, num_devices=2, num_processes=1)
+
+
+def test_bad_data_path_is_a_clean_error(tmp_path, cache):
+  code, out = run(tmp_path, cache, "--config.data.source=folder",
+                  f"--config.data.path={tmp_path / 'nowhere'}")
+  assert code == 2 and "error:" in out and "nowhere" in out and "Traceback" not in out
+
+
+def test_unknown_config_key_is_named():
+  c = demo()
+  c.unlock()
+  c.lr = 1e-3
+  with pytest.raises(C.ConfigError, match="top-level.lr"):
+    C.check_pretrain(c, num_devices=1, num_processes=1)
