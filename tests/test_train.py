@@ -27,11 +27,12 @@ def cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("cache"))
 
 
-def launch(workdir, cache, *overrides, devices=1):
+def launch(workdir, cache, *overrides, devices=1, flags=()):
   env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-         os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir), *overrides]
+         os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir), *flags, *overrides]
   return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -129,6 +130,31 @@ def test_eight_devices_with_fsdp_match_one_device(tmp_path, cache):
   one = [m["loss"] for m in metrics(tmp_path / "one")]
   eight = [m["loss"] for m in metrics(tmp_path / "eight")]
   np.testing.assert_allclose(eight, one, rtol=2e-4)
+
+
+def test_two_processes_match_one_process(tmp_path, cache):
+  import socket
+  # fsdp=2: parameters split across the two processes (figures must gather them).
+  overrides = ["--config.epochs=2", "--config.warmup_epochs=1", "--config.random_epochs=1",
+               "--config.log_every=1", "--config.checkpoint_every=100",
+               "--config.figure_every=15", "--config.masking.group=global",
+               "--config.mesh.fsdp=2"]
+  code, out = run(tmp_path / "single", cache, *overrides, devices=2)
+  assert code == 0, out
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [launch(tmp_path / "multi", cache, *overrides,
+                  flags=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}")) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert "2 devices" in outs[0]
+  single = [m["loss"] for m in metrics(tmp_path / "single")]
+  multi = [m["loss"] for m in metrics(tmp_path / "multi")]
+  np.testing.assert_allclose(multi, single, rtol=2e-4)
+  assert sorted(os.listdir(tmp_path / "multi" / "figures")) == [
+      "step_0000015.png", "step_0000030.png"]
 
 
 def test_fsdp_splits_parameters_and_moments():

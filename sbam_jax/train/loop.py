@@ -195,9 +195,13 @@ def run(config, workdir: str) -> int:
 
 
 def _figure(state, graphdef, spec, images, step, workdir, writer):
+  """Every process joins the gather (parameters may be split over processes);
+  process 0 draws."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  params, fixed = multihost_utils.process_allgather((state.params, state.fixed), tiled=True)
   if images is None or jax.process_index() != 0:
     return
-  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.fixed))
+  model = nnx.merge(graphdef, params, fixed)
   # A few images cannot form the training AMR group: one ratio per image here.
   image = figures.panels(model, images, dataclasses.replace(spec, group_size=1),
                          jax.random.PRNGKey(step))
