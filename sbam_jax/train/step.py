@@ -83,7 +83,7 @@ def make_train_step(graphdef, tx, *, spec: masking.MaskingSpec, warmup_spec: mas
     (grads, loss, stats), _ = jax.lax.scan(one, init, (micro, keys))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + jnp.where(finite, 1, 0),
