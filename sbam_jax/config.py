@@ -93,9 +93,6 @@ def check_pretrain(config: Mapping, *, num_devices: int, num_processes: int):
     raise ConfigError(f"batch_size {batch} must split into accum_steps ({accum}) x "
                       f"{num_devices} devices (and {num_processes} processes)")
   micro = batch // accum
-  if config["masking"].get("capacity", "max") == "bucketed":
-    raise ConfigError("masking.capacity='bucketed' is available in the masking API and the "
-                      "benchmark, not yet in train.py; use 'max'")
   spec = build_masking_spec(config["masking"], global_batch=micro, num_devices=num_devices)
   if not 0 <= config["warmup_epochs"] < config["epochs"]:
     raise ConfigError(f"need 0 <= warmup_epochs ({config['warmup_epochs']}) < epochs "

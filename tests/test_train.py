@@ -97,6 +97,23 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_bucketed_capacity_trains_like_maximum_capacity(tmp_path, cache):
+  overrides = ["--config.epochs=3", "--config.warmup_epochs=1", "--config.random_epochs=1",
+               "--config.log_every=1", "--config.checkpoint_every=100",
+               "--config.figure_every=1000", "--config.masking.group=global",
+               "--config.masking.ratio_var=0.2"]
+  code, out = run(tmp_path / "max", cache, *overrides)
+  assert code == 0, out
+  code, out = run(tmp_path / "bucketed", cache, *overrides, "--config.masking.capacity=bucketed",
+                  "--config.masking.num_buckets=8")
+  assert code == 0, out
+  used = out.split("encoder capacities compiled: ")[1].split(" of buckets")[0]
+  assert len(json.loads(used)) >= 2, out  # smaller buckets were chosen at times
+  a = [m["loss"] for m in metrics(tmp_path / "max")]
+  b = [m["loss"] for m in metrics(tmp_path / "bucketed")]
+  np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
 def test_sigterm_saves_and_exits(tmp_path, cache):
   proc = launch(tmp_path, cache, *SHORT, "--config.epochs=40")
   lines = []
@@ -186,7 +203,8 @@ def demo():
     (lambda c: setattr(c, "accum_steps", 0), "accum_steps"),
     (lambda c: setattr(c.masking, "mask_ratio", 1.2), "mask_ratio"),
     (lambda c: setattr(c.masking, "ratio_var", 0.4), "inside"),
-    (lambda c: setattr(c.masking, "capacity", "bucketed"), "bucketed"),
+    (lambda c: setattr(c.masking, "capacity", "auto"), "masking.capacity"),
+    (lambda c: setattr(c.masking, "num_buckets", 0), "num_buckets"),
     (lambda c: setattr(c, "warmup_epochs", 30), "warmup_epochs"),
     (lambda c: setattr(c, "random_epochs", 99), "random_epochs"),
     (lambda c: setattr(c.data, "source", "s3"), "data.source"),

@@ -119,12 +119,20 @@ def run(config, workdir: str) -> int:
     state = jax.device_put(state, state_sh)
   start = int(state.step)
 
-  train_step = make_train_step(graphdef, tx, spec=spec, warmup_spec=warm_spec,
-                               random_steps=random_steps, capacity=capacity,
-                               warmup_capacity=warm_capacity, accum_steps=config.accum_steps)
   replicated = NamedSharding(mesh, P())
-  step_fn = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_sh, replicated), donate_argnums=0)
+
+  def compile_step(cap):
+    fn = make_train_step(graphdef, tx, spec=spec, warmup_spec=warm_spec,
+                         random_steps=random_steps, capacity=cap,
+                         warmup_capacity=warm_capacity, accum_steps=config.accum_steps)
+    return jax.jit(fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, replicated), donate_argnums=0)
+
+  bucketed = config.masking.capacity == "bucketed" and spec.adaptive
+  buckets = (masking.capacity_buckets(spec, L, config.masking.num_buckets) if bucketed
+             else (capacity,))
+  step_fns = {}
+  max_keep_fn = _max_keep_fn(graphdef, spec, config.accum_steps, mesh) if bucketed else None
 
   from sbam_jax.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
   data = pipeline.InputPipeline(
@@ -152,7 +160,13 @@ def run(config, workdir: str) -> int:
       if figure_batch is None:
         figure_batch = batch["image"][: config.figure_images]
       images = sharding.global_batch(mesh, batch["image"])
-      state, metrics = step_fn(state, images)
+      cap = capacity
+      if bucketed and step >= random_steps:  # one small host read a step
+        cap = masking.choose_capacity(int(max_keep_fn(state.params, state.fixed, images)),
+                                      buckets)
+      if cap not in step_fns:
+        step_fns[cap] = compile_step(cap)
+      state, metrics = step_fns[cap](state, images)
       step += 1
       seen += config.batch_size
       if step % config.log_every == 0 or step == total:
@@ -189,9 +203,29 @@ def run(config, workdir: str) -> int:
     ckpt.close()
     writer.flush()
     preempt.restore()
+  if bucketed and proc == 0:
+    print(f"encoder capacities compiled: {sorted(step_fns)} of buckets {list(buckets)}")
   if data.skipped and proc == 0:
     print(f"skipped {data.skipped} undecodable images, e.g. {data.skipped_names[:3]}")
   return status
+
+
+def _max_keep_fn(graphdef, spec, accum_steps, mesh):
+  """Largest AMR keep length of a step's micro-batches. Keep lengths depend on
+  salience only (not on the masking noise), so this equals what the step will
+  compute, and the chosen bucket always holds every sample."""
+  from sbam_jax.data import device as device_ops  # pylint: disable=g-import-not-at-top
+
+  def fn(params, fixed, images):
+    model = nnx.merge(graphdef, params, fixed)
+    micro = images.reshape((accum_steps, -1) + images.shape[1:])
+    keep = jax.vmap(lambda x: masking.amr_keep_lengths(
+        masking.token_salience(model.embed_patches(device_ops.normalize(x))),
+        mask_ratio=spec.mask_ratio, ratio_var=spec.ratio_var, delta=spec.delta,
+        group_size=spec.group_size))(micro)
+    return keep.max()
+
+  return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
 
 
 def _figure(state, graphdef, spec, images, step, workdir, writer):
