@@ -118,13 +118,9 @@ def _sharpness_degenerate(img):
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
   smooth = tf.round(tf.nn.depthwise_conv2d(img[None], kernel, [1, 1, 1, 1], "VALID")[0])
   # PIL keeps the border pixels of the original.
-  return tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]) + img * _border_mask(img)
-
-
-def _border_mask(img):
   h, w = tf.shape(img)[0], tf.shape(img)[1]
-  inner = tf.pad(tf.zeros([h - 2, w - 2, 1]), [[1, 1], [1, 1], [0, 0]], constant_values=1.0)
-  return inner
+  border = tf.pad(tf.zeros([h - 2, w - 2, 1]), [[1, 1], [1, 1], [0, 0]], constant_values=1.0)
+  return tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]) + img * border
 
 
 def apply_op(index, img, magnitude, sign):

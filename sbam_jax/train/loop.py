@@ -83,7 +83,7 @@ def _take(loaded: dict, like: dict) -> dict:
 def run(config, workdir: str) -> int:
   os.makedirs(workdir, exist_ok=True)
   n_dev, n_proc, proc = jax.device_count(), jax.process_count(), jax.process_index()
-  model_cfg, spec, micro = cfg_lib.check_pretrain(config, num_devices=n_dev, num_processes=n_proc)
+  model_cfg, spec, _ = cfg_lib.check_pretrain(config, num_devices=n_dev, num_processes=n_proc)
   warm_spec = masking.MaskingSpec("random", mask_ratio=spec.mask_ratio)
   L = model_cfg.num_patches
   capacity = masking.max_capacity(spec, L)
@@ -154,9 +154,7 @@ def run(config, workdir: str) -> int:
   figure_batch = None
   try:
     step = start
-    for batch in data:
-      if step >= total:
-        break
+    for batch in data:  # ends after config.epochs
       if figure_batch is None:
         figure_batch = batch["image"][: config.figure_images]
       images = sharding.global_batch(mesh, batch["image"])

@@ -24,8 +24,8 @@ from sbam_jax.data import device as device_ops
 @struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any            # nnx.State of nnx.Param
-  fixed: Any             # nnx.State of everything else (fixed sin-cos tables)
+  params: Any            # nested dict of the model's nnx.Param arrays
+  fixed: Any             # nested dict of the rest (fixed sin-cos tables)
   opt_state: Any
   rng: jax.Array
 
