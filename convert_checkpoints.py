@@ -1,8 +1,9 @@
 """Convert checkpoints between the reference PyTorch code and sbam_jax.
 
   to-jax   SRC.pth  DST_DIR   a PyTorch .pth -> this project's checkpoint
-  to-torch SRC_DIR  DST.pth   this project's checkpoint -> a .pth the reference
-                              PyTorch code loads with strict=True
+  to-torch SRC_DIR  DST.pth   this project's checkpoint, or a training workdir
+                              (its latest step) -> a .pth the reference PyTorch
+                              code loads with strict=True
 
 What a .pth holds is detected from keys and shapes and printed:
   pretrain   full MAE/SBAM pre-train model with decoder (SBAM releases, MAE's
@@ -96,7 +97,10 @@ def adamw_tree(optimizer_sd, sd, det, path) -> dict:
 
 
 def to_torch(args) -> str:
-  params, card = checkpoints.load_params(args.src)
+  params, card = checkpoints.load_weights(args.src)
+  if card["kind"] == "linprobe":
+    raise ConvertError(f"{args.src} is a linear probe; exporting its BatchNorm head to "
+                       f"PyTorch is not supported (its encoder is the pre-trained one)")
   sd = params_to_torch(params)
   save_pth({"model": to_torch_state_dict(sd)}, args.dst, overwrite=args.force)
   print(f"wrote {args.dst}: {card['kind']}, {len(sd)} tensors, float32")
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
                  help="resample position tables to this image size")
   a.add_argument("--force", action="store_true", help="replace an existing output")
   b = sub.add_parser("to-torch", help="sbam_jax checkpoint folder -> PyTorch .pth")
-  b.add_argument("src", help="the checkpoint folder")
+  b.add_argument("src", help="the checkpoint folder or a training workdir")
   b.add_argument("dst", help="output .pth (must not exist unless --force)")
   b.add_argument("--force", action="store_true", help="replace an existing output")
   args = ap.parse_args(argv)

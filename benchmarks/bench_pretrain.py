@@ -31,8 +31,9 @@ from flax import nnx  # noqa: E402
 
 from sbam_jax import masking, optim  # noqa: E402
 from sbam_jax.models import MaskedAutoencoder, model_config  # noqa: E402
-from sbam_jax.train.loop import flops_per_image  # noqa: E402
-from sbam_jax.train.step import TrainState, make_optimizer, make_train_step  # noqa: E402
+from sbam_jax.train.pretrain import flops_per_image  # noqa: E402
+from sbam_jax.train.step import (TrainState, make_optimizer, make_train_step,  # noqa: E402
+                                 pretrain_loss)
 
 SPECS = {"random": masking.MaskingSpec("random"),
          "sbm": masking.MaskingSpec("sbam", ratio_var=0.0),
@@ -67,11 +68,12 @@ def build(size, method, batch, dtype, attention, img_size):
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, fixed=fixed,
                      opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   cap = masking.max_capacity(spec, cfg.num_patches)
-  step = make_train_step(graphdef, tx, spec=spec, warmup_spec=spec, random_steps=0,
-                         capacity=cap, warmup_capacity=cap, accum_steps=1)
+  loss_fn = pretrain_loss(graphdef, spec=spec, warmup_spec=spec, random_steps=0, capacity=cap,
+                          warmup_capacity=cap)
+  step = make_train_step(loss_fn, tx, accum_steps=1)
   images = jax.random.randint(jax.random.PRNGKey(1), (batch, cfg.img_size, cfg.img_size, 3), 0,
                               256, jnp.int32).astype(jnp.uint8)
-  return cfg, spec, cap, jax.jit(step, donate_argnums=0), state, images
+  return cfg, spec, cap, jax.jit(step, donate_argnums=0), state, {"image": images}
 
 
 def inspect(compiled_text: str) -> dict:

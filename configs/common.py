@@ -40,3 +40,26 @@ def masking(method: str = "sbam", **overrides) -> ml_collections.ConfigDict:
   ))
   cfg.update(overrides)
   return cfg
+
+
+def data(**overrides) -> ml_collections.ConfigDict:
+  """Where images come from (the same fields for every task)."""
+  cfg = ml_collections.ConfigDict(dict(
+      source="folder",          # 'folder' (MAE layout) | 'tfds' | 'demo'
+      path="",                  # folder layout root (--data_path of the reference)
+      split="train",
+      eval_split="val",         # evaluated by fine-tuning / linear probing
+      tfds_name="imagenet2012",
+      tfds_data_dir="",
+      threads=0,                # tf.data threads per process; 0 = one per core
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def run_control(c: ml_collections.ConfigDict) -> None:
+  """Mesh, logging and checkpoint cadence (steps), the same for every task."""
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.log_every = 50
+  c.checkpoint_every = 2000   # steps; and at the end, and on SIGTERM
+  c.keep_checkpoints = 3

@@ -26,20 +26,14 @@ def get_config(arg: str = "large,sbam") -> ml_collections.ConfigDict:
   if method not in METHODS:
     raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
   c = ml_collections.ConfigDict()
+  c.task = "pretrain"
   c.seed = 0
   c.model = common.model(size)
   c.masking = common.masking(**METHODS[method])
   # Random masking for the first `random_epochs` epochs, then `masking` (SBAM's
   # warm-up); 0 = `masking` from the start.
   c.random_epochs = 100 if method != "mae" else 0
-  c.data = ml_collections.ConfigDict(dict(
-      source="folder",        # 'folder' (MAE layout) | 'tfds' | 'demo'
-      path="",                # folder layout root (--data_path of the reference)
-      split="train",
-      tfds_name="imagenet2012",
-      tfds_data_dir="",
-      threads=0,              # tf.data threads per process; 0 = one per core
-  ))
+  c.data = common.data()
   c.batch_size = 4096         # global images per optimizer step (all devices, all micro-steps)
   c.accum_steps = 2           # micro-steps per optimizer step (--accum_iter)
   c.epochs = 400
@@ -49,11 +43,8 @@ def get_config(arg: str = "large,sbam") -> ml_collections.ConfigDict:
   c.weight_decay = 0.05
   c.b1 = 0.9
   c.b2 = 0.95
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.init_from = ""            # converted checkpoint (convert_checkpoints.py): weights, AdamW, epoch
-  c.log_every = 50
-  c.checkpoint_every = 2000   # steps; and at the end, and on SIGTERM
-  c.keep_checkpoints = 3
+  common.run_control(c)
   c.figure_every = 10000
   c.figure_images = 4
   return c

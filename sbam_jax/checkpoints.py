@@ -7,8 +7,12 @@
                        converted PyTorch training checkpoint
 
 Written under a temporary name beside the target and renamed into place, so a
-reader never sees half a checkpoint. (Training checkpoints with optimizer
-state use orbax's CheckpointManager in the training loop.)
+reader never sees half a checkpoint.
+
+A training workdir (train.py) holds its own card (`sbam_jax.json`, format
+`sbam_jax.workdir/1`) beside `checkpoints/` (orbax CheckpointManager of the
+whole TrainState); `load_weights` reads either kind of folder, the workdir's
+latest step, weights only (params + fixed tables + statistics).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 CARD = "sbam_jax.json"
 FORMAT = "sbam_jax.params/1"
+WORKDIR_FORMAT = "sbam_jax.workdir/1"
 
 
 def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = False,
@@ -54,16 +59,20 @@ def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = Fa
       shutil.rmtree(tmp)
 
 
+def read_card(directory: str, what: str) -> dict:
+  card_path = os.path.join(directory, CARD)
+  if not os.path.isfile(card_path):
+    raise FileNotFoundError(f"{directory} {what} (no {CARD})")
+  with open(card_path) as f:
+    return json.load(f)
+
+
 def load_params(directory: str) -> tuple[dict, dict]:
   """(nested dict of numpy arrays, card)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
+  card = read_card(directory, "is not a sbam_jax parameter checkpoint")
   card_path = os.path.join(directory, CARD)
-  if not os.path.isfile(card_path):
-    raise FileNotFoundError(f"{directory} is not a sbam_jax parameter checkpoint "
-                            f"(no {CARD})")
-  with open(card_path) as f:
-    card = json.load(f)
   if card.get("format") != FORMAT:
     raise ValueError(f"{card_path}: unknown format {card.get('format')!r}, expected {FORMAT}")
   tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
@@ -91,3 +100,52 @@ def load_into(model, params: dict) -> None:
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
+
+
+def write_workdir_card(workdir: str, card: dict) -> None:
+  """What a training workdir holds (kind, model config, classes); atomic."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CARD)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"format": WORKDIR_FORMAT, **card}, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def deep_merge(*trees: dict) -> dict:
+  """Union of nested dicts with disjoint leaves (e.g. params and fixed tables)."""
+  out: dict = {}
+  for tree in trees:
+    for k, v in tree.items():
+      if isinstance(v, dict) and isinstance(out.get(k), dict):
+        out[k] = deep_merge(out[k], v)
+      elif k in out:
+        raise ValueError(f"key {k!r} is in more than one tree")
+      else:
+        out[k] = v
+  return out
+
+
+def load_weights(path: str) -> tuple[dict, dict]:
+  """(full model state as a nested dict of numpy arrays, card) from a parameter
+  checkpoint or a training workdir (its latest step)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  card = read_card(path, "is neither a sbam_jax checkpoint nor a training workdir (convert "
+                         "PyTorch .pth files with convert_checkpoints.py)")
+  if card.get("format") != WORKDIR_FORMAT:
+    return load_params(path)
+  manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f"training workdir {path} has no checkpoint yet")
+  item = os.path.join(path, "checkpoints", str(step), "default")
+  from etils import epath  # pylint: disable=g-import-not-at-top  (orbax's path type)
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
+  tree = meta.tree if hasattr(meta, "tree") else meta
+  wanted = {k: tree[k] for k in ("params", "fixed", "stats") if k in tree}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  out = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+      item=wanted, restore_args=restore_args, partial_restore=True))
+  return _to_numpy(deep_merge(*(out[k] for k in wanted))), {**card, "step": int(step)}

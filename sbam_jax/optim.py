@@ -1,28 +1,147 @@
-"""Optimizer pieces that follow the reference recipe.
+"""Optimizers and per-parameter rules of the reference recipes.
 
-MAE pre-training builds AdamW groups with timm's `add_weight_decay`: every
+Pre-training (MAE main_pretrain, timm `add_weight_decay`): AdamW; every
 trainable tensor that is 1-D or named `*.bias` gets no weight decay; all
-others are decayed, including cls_token and mask_token (3-D), as the
-reference does.
+others are decayed, cls_token and mask_token included, as the reference does.
+
+Fine-tuning (MAE `param_groups_lrd`): AdamW with layer-wise lr decay; no
+weight decay on 1-D tensors and on `pos_embed` / `cls_token`; parameter
+`name` gets lr scale `ld ** (n - layer_id(name))`, n = depth + 1, layer_id 0
+for patch_embed / cls_token / pos_embed, k + 1 for `blocks.k.*`, n for the
+rest (fc_norm, head). Scaling the whole AdamW update (weight decay included)
+by the scale is what the reference's per-group `lr * lr_scale` does.
+
+Linear probing (MAE util/lars.py): LARS on the head; weight decay and the
+trust ratio only for tensors of 2+ dims; momentum accumulates the raw
+(trust-scaled) update and the lr multiplies the momentum, so the optax chain
+is decay -> trust ratio -> trace -> lr (not optax.lars, which scales by the
+lr before the momentum and so differs while the lr changes).
+
+Rules are stated on the reference's torch names (`torch_key_for`), so they
+read exactly like the reference code.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import traverse_util
 
 from sbam_jax.convert.torch_keys import torch_key_for
 
+FINETUNE_NO_DECAY = ("pos_embed", "cls_token", "dist_token")
+
+
+def _per_tensor(params: dict, rule: Callable[[str, int], object]) -> dict:
+  """Same tree as `params`, `rule(torch key, torch ndim)` per tensor; stacked
+  blocks give one value per layer (key formatted with its index)."""
+  out = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    key, _, stacked = torch_key_for(path)
+    if stacked:
+      out[path] = [rule(key.format(i=i), len(leaf.shape) - 1) for i in range(leaf.shape[0])]
+    else:
+      out[path] = rule(key, len(leaf.shape))
+  return traverse_util.unflatten_dict(out)
+
+
+def _all_same(values) -> bool:
+  return all(v == values[0] for v in values)
+
+
+def _collapse(tree: dict) -> dict:
+  """A per-layer list of equal booleans -> one boolean (optax masks are per leaf)."""
+  def one(v):
+    if isinstance(v, list):
+      if not _all_same(v):
+        raise ValueError("a stacked tensor needs one mask value for all its layers")
+      return v[0]
+    return v
+  return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, list))
+
 
 def reference_decay_mask(params: dict) -> dict:
-  """Same tree as `params` (nested dict), True where weight decay applies."""
+  """Pre-training: True where weight decay applies."""
+  return _collapse(_per_tensor(params, lambda k, nd: not (nd == 1 or k.endswith(".bias"))))
+
+
+def finetune_decay_mask(params: dict) -> dict:
+  """Fine-tuning: True where weight decay applies."""
+  return _collapse(_per_tensor(params, lambda k, nd: not (nd == 1 or k in FINETUNE_NO_DECAY)))
+
+
+def vit_layer_id(key: str, num_layers: int) -> int:
+  """MAE's get_layer_id_for_vit on a reference parameter name."""
+  if key in ("cls_token", "pos_embed") or key.startswith("patch_embed"):
+    return 0
+  if key.startswith("blocks."):
+    return int(key.split(".")[1]) + 1
+  return num_layers
+
+
+def layer_decay_scales(params: dict, depth: int, layer_decay: float) -> dict:
+  """Same tree as `params`: lr scale per tensor; stacked blocks get a
+  (depth, 1, ...) array so the scale broadcasts over each layer's slice."""
+  n = depth + 1
+  scales = _per_tensor(params, lambda k, nd: float(layer_decay ** (n - vit_layer_id(k, n))))
   flat = traverse_util.flatten_dict(params)
-  mask = {}
-  for path, leaf in flat.items():
+
+  def as_array(path, v):
+    if isinstance(v, list):
+      return np.asarray(v, np.float32).reshape((-1,) + (1,) * (len(flat[path].shape) - 1))
+    return np.float32(v)
+  return traverse_util.unflatten_dict(
+      {p: as_array(p, v) for p, v in traverse_util.flatten_dict(scales).items()})
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiply each update by a fixed per-leaf (broadcastable) factor."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def finetune_adamw(lr_fn, *, b1: float, b2: float, weight_decay: float, decay_mask,
+                   scales) -> optax.GradientTransformation:
+  return optax.chain(optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,
+                                 mask=decay_mask), scale_by_tree(scales))
+
+
+def lars(lr_fn, *, weight_decay: float = 0.0, momentum: float = 0.9,
+         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+  """MAE's LARS (see the module docstring for the order of operations)."""
+  matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=matrices),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), matrices),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(lr_fn))
+
+
+def parameter_rules(params: dict, decay_mask: dict, scales: dict | None = None) -> dict:
+  """{reference tensor name: (shape, weight decay?, lr scale)}, stacked blocks per layer."""
+  flat_m = traverse_util.flatten_dict(decay_mask)
+  flat_s = traverse_util.flatten_dict(scales) if scales is not None else {}
+  rules = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
     key, _, stacked = torch_key_for(path)
-    ndim = len(leaf.shape) - (1 if stacked else 0)
-    mask[path] = not (ndim == 1 or key.endswith(".bias"))
-  return traverse_util.unflatten_dict(mask)
+    scale = np.asarray(flat_s.get(path, 1.0), np.float64).reshape(-1)
+    for i in (range(leaf.shape[0]) if stacked else [None]):
+      shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+      s = scale[i if stacked and scale.size > 1 else 0]
+      rules[key.format(i=i)] = (shape, bool(flat_m[path]), float(s))
+  return rules
+
+
+def param_table(params: dict, decay_mask: dict, scales: dict | None = None) -> list[str]:
+  """One line per reference tensor: name, shape, weight decay on/off, lr scale."""
+  return [f"{key:40s} {str(shape):18s} wd={'yes' if decay else 'no ':3s} lr_scale={s:.6g}"
+          for key, (shape, decay, s) in parameter_rules(params, decay_mask, scales).items()]
 
 
 def adamw_state(optimizer, params, mu, nu, count: int):
@@ -30,12 +149,11 @@ def adamw_state(optimizer, params, mu, nu, count: int):
 
   Works for any chain whose state contains one `ScaleByAdamState`.
   """
-  import optax  # pylint: disable=g-import-not-at-top
   state = optimizer.init(params)
 
   def replace(s):
     if isinstance(s, optax.ScaleByAdamState):
-      return optax.ScaleByAdamState(count=jax.numpy.asarray(count, s.count.dtype), mu=mu, nu=nu)
+      return optax.ScaleByAdamState(count=jnp.asarray(count, s.count.dtype), mu=mu, nu=nu)
     return s
 
   return jax.tree.map(replace, state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))

@@ -239,3 +239,57 @@ class TorchViT(nn.Module):
     else:
       feat = self.norm(x)[:, 0]
     return self.head(feat)
+
+
+# ---- fine-tuning / linear-probe optimizer rules, as MAE's util/lr_decay.py and util/lars.py
+
+def mae_layer_id(name, num_layers):
+  if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+    return 0
+  if name.startswith("blocks"):
+    return int(name.split(".")[1]) + 1
+  return num_layers
+
+
+def mae_param_groups_lrd(model, weight_decay, layer_decay, no_weight_decay=("pos_embed", "cls_token", "dist_token")):
+  """torch param groups {'params', 'weight_decay', 'lr_scale'} and a name -> (wd, scale) table."""
+  num_layers = len(model.blocks) + 1
+  scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+  groups, table = {}, {}
+  for name, p in model.named_parameters():
+    if not p.requires_grad:
+      continue
+    no_decay = p.ndim == 1 or name in no_weight_decay
+    wd = 0.0 if no_decay else weight_decay
+    lid = mae_layer_id(name, num_layers)
+    g = groups.setdefault((lid, no_decay), {"params": [], "weight_decay": wd,
+                                            "lr_scale": scales[lid]})
+    g["params"].append(p)
+    table[name] = (wd, scales[lid])
+  return list(groups.values()), table
+
+
+class TorchLARS(torch.optim.Optimizer):
+  """LARS as MAE's util/lars.py: decay and trust ratio for tensors of 2+ dims,
+  momentum on the raw update, lr applied to the momentum."""
+
+  def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+    super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                  trust_coefficient=trust_coefficient))
+
+  @torch.no_grad()
+  def step(self):
+    for g in self.param_groups:
+      for p in g["params"]:
+        dp = p.grad
+        if p.ndim > 1:
+          dp = dp.add(p, alpha=g["weight_decay"])
+          pn, un = torch.norm(p), torch.norm(dp)
+          one = torch.ones_like(pn)
+          q = torch.where(pn > 0.0, torch.where(un > 0, g["trust_coefficient"] * pn / un, one), one)
+          dp = dp.mul(q)
+        state = self.state[p]
+        if "mu" not in state:
+          state["mu"] = torch.zeros_like(p)
+        state["mu"].mul_(g["momentum"]).add_(dp)
+        p.add_(state["mu"], alpha=-g["lr"])

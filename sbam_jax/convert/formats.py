@@ -21,6 +21,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from sbam_jax.convert.torch_io import ConvertError
+from sbam_jax.models.pos_embed import resample_pos_embed  # noqa: F401  (re-exported)
 from sbam_jax.models.sizes import ModelConfig, model_config
 
 PRETRAIN, ENCODER, FINETUNED = "pretrain", "encoder", "finetuned"
@@ -120,19 +121,3 @@ def template(det: Detected) -> dict:
   """Nested dict of shapes for `params_from_torch`."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.to_pure_dict(nnx.state(build_model(det)))
-
-
-def resample_pos_embed(table: np.ndarray, new_grid: int) -> np.ndarray:
-  """MAE's interpolate_pos_embed: (1, 1 + g*g, D) -> (1, 1 + n*n, D), the cls
-  row kept, patch rows resampled bicubically (align_corners=False)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  cls, patches = table[:, :1], table[:, 1:]
-  d = table.shape[-1]
-  g = math.isqrt(patches.shape[1])
-  if g == new_grid:
-    return table
-  grid = torch.from_numpy(np.ascontiguousarray(patches)).reshape(1, g, g, d).permute(0, 3, 1, 2)
-  grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-  patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d).numpy()
-  return np.concatenate([cls, patches], axis=1).astype(table.dtype)
