@@ -48,7 +48,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
       source="folder",          # 'folder' (MAE layout) | 'tfds' | 'demo'
       path="",                  # folder layout root (--data_path of the reference)
       split="train",
-      eval_split="val",         # evaluated by fine-tuning / linear probing
+      eval_split="",            # evaluated by fine-tuning / probing; '' = val (folder) / validation (tfds)
       tfds_name="imagenet2012",
       tfds_data_dir="",
       threads=0,                # tf.data threads per process; 0 = one per core

@@ -15,12 +15,19 @@ from sbam_jax import checkpoints
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(config, workdir, cache, *overrides):
-  env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+def launch(config, workdir, cache, *overrides):
+  env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
          os.path.join(ROOT, "configs", config), "--workdir", str(workdir), *overrides]
-  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  return proc.returncode, proc.stdout + proc.stderr
+  return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def train(config, workdir, cache, *overrides):
+  proc = launch(config, workdir, cache, *overrides)
+  out = proc.communicate(timeout=600)[0]
+  return proc.returncode, out
 
 
 def evals(workdir):
@@ -39,11 +46,18 @@ def pretrained(tmp_path_factory):
   return str(workdir), cache
 
 
-def test_finetune_learns_and_eval_only_reproduces_it(pretrained, tmp_path):
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
   pre, cache = pretrained
-  ft = tmp_path / "ft"
+  ft = tmp_path_factory.mktemp("ft")
   code, out = train("demo_finetune.py", ft, cache, f"--config.init_from={pre}")
   assert code == 0, out
+  return ft, out
+
+
+def test_finetune_learns_and_eval_only_reproduces_it(pretrained, finetuned, tmp_path):
+  _, cache = pretrained
+  ft, out = finetuned
   assert "initialised fresh: fc_norm, head" in out
   assert "layer-wise lr scales: blocks.0 0.5625, blocks.1 0.75" in out
   rows = evals(ft)
@@ -109,7 +123,26 @@ def test_eval_only_without_weights_fails_clearly(pretrained, tmp_path):
   assert code == 2 and "eval_only needs init_from" in out, out
 
 
-def test_a_finetune_workdir_exports_to_pytorch(pretrained, tmp_path):
+def test_two_processes_evaluate_the_split_exactly_once(pretrained, finetuned, tmp_path):
+  import socket
+  _, cache = pretrained
+  ft, _ = finetuned
+  final = evals(ft)[-1]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [launch("demo_finetune.py", tmp_path / "ev2", cache, "--config.eval_only=True",
+                  f"--config.init_from={ft}", f"--coordinator_address=127.0.0.1:{port}",
+                  "--num_processes=2", f"--process_id={i}") for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  got = evals(tmp_path / "ev2")[-1]  # 160 images, 2 x 24 per batch: 32 padding slots
+  assert got["eval/count"] == 160
+  assert got["eval/top1"] == final["eval/top1"] and got["eval/top5"] == final["eval/top5"]
+  assert got["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+
+
+def test_a_finetune_workdir_exports_to_pytorch(finetuned, tmp_path):
   """to-torch reads a training workdir; the reference ViT loads it strictly
   and computes the same logits."""
   import jax
@@ -120,11 +153,7 @@ def test_a_finetune_workdir_exports_to_pytorch(pretrained, tmp_path):
   from sbam_jax.models import VisionTransformer, model_config
   from sbam_jax.data import device as device_ops
   from torch_reference import TorchViT
-  pre, cache = pretrained
-  ft = tmp_path / "ft"
-  code, out = train("demo_finetune.py", ft, cache, f"--config.init_from={pre}", "--config.epochs=1",
-                    "--config.warmup_epochs=0")
-  assert code == 0, out
+  ft, _ = finetuned
   out_pth = str(tmp_path / "ft.pth")
   assert cli.main(["to-torch", str(ft), out_pth]) == 0
   cfg = model_config("tiny", img_size=64, patch_size=8)

@@ -35,7 +35,7 @@ from sbam_jax.models import VisionTransformer
 from sbam_jax.models.pos_embed import resample_pos_embed
 from sbam_jax.train import schedule, sharding
 from sbam_jax.train.loop import Job, make_source
-from sbam_jax.train.pretrain import model_card, take
+from sbam_jax.train.pretrain import model_card, take, tower_flops
 from sbam_jax.train.step import TrainState, make_train_step
 
 TASKS = ("finetune", "linprobe")
@@ -224,14 +224,15 @@ def _optimizer(config, params, model_cfg, lr_fn):
 def make_job(config, workdir: str) -> Job:
   n_dev, n_proc, proc = jax.device_count(), jax.process_count(), jax.process_index()
   model_cfg = cfg_lib.check_classify(config, num_devices=n_dev, num_processes=n_proc)
-  eval_source = make_source(config.data, config.data.eval_split)
+  eval_split = config.data.eval_split or ("validation" if config.data.source == "tfds" else "val")
+  eval_source = make_source(config.data, eval_split)
   source = eval_source if config.eval_only else make_source(config.data)
   num_classes = int(config.num_classes) or len(source.classes)
   if source.classes and num_classes != len(source.classes):
     raise cfg_lib.ConfigError(f"num_classes={num_classes} but the data has "
                               f"{len(source.classes)} classes")
   if tuple(eval_source.classes) != tuple(source.classes):
-    raise cfg_lib.ConfigError(f"the {config.data.split!r} and {config.data.eval_split!r} splits "
+    raise cfg_lib.ConfigError(f"the {config.data.split!r} and {eval_split!r} splits "
                               f"have different class lists")
   if config.eval_only and not config.init_from and not glob.glob(
       os.path.join(workdir, "checkpoints", "[0-9]*")):
@@ -306,8 +307,17 @@ def make_job(config, workdir: str) -> Job:
       batch_size=config.batch_size, lr_fn=lr_fn,
       summary=(f"{config.task} of a {model_cfg.embed_dim}-wide ViT on {num_classes} classes, "
                f"lr {lr:.3g}"),
+      flops_per_image=_flops_per_image(config.task, model_cfg),
       evaluate=evaluation(config, model_cfg, graphdef, num_classes, mesh, eval_source),
       eval_every_epochs=int(config.eval_every))
+
+
+def _flops_per_image(task: str, cfg) -> float:
+  """Training FLOPs per image: 3x the encoder's forward (fine-tune) or 1x (the
+  probe's frozen encoder needs no backward)."""
+  fwd = (2 * cfg.num_patches * cfg.patch_dim * cfg.embed_dim
+         + tower_flops(1 + cfg.num_patches, cfg.embed_dim, cfg.depth, cfg.mlp_ratio))
+  return (3.0 if task == "finetune" else 1.0) * fwd
 
 
 def _table_summary(config, table: list[str], workdir: str) -> str:

@@ -25,12 +25,15 @@ from sbam_jax.train.loop import Job, make_source
 from sbam_jax.train.step import TrainState, make_optimizer, make_train_step, pretrain_loss
 
 
+def tower_flops(tokens: int, d: int, depth: int, ratio: float) -> float:
+  """Forward FLOPs of `depth` transformer blocks: matmuls and attention."""
+  return depth * (2 * tokens * (4 * d * d + 2 * ratio * d * d) + 4 * tokens * tokens * d)
+
+
 def flops_per_image(cfg, keep: int) -> float:
   """Training FLOPs per image (3x forward): matmuls and attention of encoder
   (1 + keep tokens) and decoder (1 + L tokens), patch embed and prediction."""
-  def tower(tokens, d, depth, ratio):
-    per_layer = 2 * tokens * (4 * d * d + 2 * ratio * d * d) + 4 * tokens * tokens * d
-    return depth * per_layer
+  tower = tower_flops
   L, D, dd = cfg.num_patches, cfg.embed_dim, cfg.decoder_embed_dim
   fwd = (2 * L * cfg.patch_dim * D + tower(1 + keep, D, cfg.depth, cfg.mlp_ratio)
          + 2 * (1 + keep) * D * dd + tower(1 + L, dd, cfg.decoder_depth, cfg.mlp_ratio)
