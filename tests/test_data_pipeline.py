@@ -180,3 +180,25 @@ def test_tensorflow_is_imported_lazily():
           "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
+
+
+def test_stream_with_gaps_is_recut_at_step_boundaries():
+  """Hand-worked: steps of 3, 4 steps; indices 0, 4, 5, 6, 7, 8 and 11 failed
+  (a gap at the start, across a boundary, a whole step, the tail)."""
+  import types
+  fake = types.SimpleNamespace(local_batch=3, image_size=1)
+  fake._cut = types.MethodType(pipeline.InputPipeline._cut, fake)
+  survivors = [1, 2, 3, 9, 10]
+  elem = lambda ids: {"image": np.asarray(ids, np.uint8).reshape(-1, 1, 1, 1).repeat(3, -1),
+                      "label": np.asarray(ids, np.int32), "pad": np.zeros(len(ids), bool),
+                      "index": np.asarray(ids, np.int64)}
+  tf_batches = [elem(survivors[:3]), elem(survivors[3:])]  # what batch(3) of the survivors gives
+  out = list(pipeline.InputPipeline._aligned(fake, tf_batches, 4))
+  assert [b["label"].tolist() for b in out] == [[0, 1, 2], [3, 0, 0], [0, 0, 0], [9, 10, 0]]
+  assert [b["ok"].tolist() for b in out] == [[False, True, True], [True, False, False],
+                                             [False, False, False], [True, True, False]]
+  assert out[3]["image"][:, 0, 0, 0].tolist() == [9, 10, 0]
+  # No gap: batches pass through untouched.
+  clean = [elem([0, 1, 2]), elem([3, 4, 5])]
+  out = list(pipeline.InputPipeline._aligned(fake, clean, 2))
+  assert out[1]["image"] is clean[1]["image"] and all(b["ok"].all() for b in out)
