@@ -5,7 +5,10 @@ bundled demo photos), decode + transform + batch, in the same invocation,
 timed over one epoch after 4 warm-up batches:
 
   ours        : sbam_jax.data InputPipeline (tf.data, fused decode-and-crop),
-                uint8 out: normalisation and random erasing run on the device
+                uint8 out: normalisation and random erasing run on the device;
+                kind 'pretrain' is the default (data.device_resize): the crop is
+                resized on the accelerator, not here; 'pretrain_host' resizes
+                on the host (PIL), as torchvision does
   torchvision : ImageFolder + the reference transforms, DataLoader(num_workers=0)
                 (pre-train: MAE's RandomResizedCrop(0.2, 1) bicubic + flip +
                 normalise; fine-tune: timm create_transform with
@@ -71,7 +74,8 @@ def _time_batches(batches):
 def run_ours(root, kind, batch):
   from sbam_jax.data import pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
   source = sources.folder_source(root, "train")
-  p = pipeline.InputPipeline(source, transforms.make_transform(kind, 224), global_batch=batch,
+  name = {"pretrain": "pretrain_crop", "pretrain_host": "pretrain"}.get(kind, kind)
+  p = pipeline.InputPipeline(source, transforms.make_transform(name, 224), global_batch=batch,
                              image_size=224, seed=0, num_epochs=1, threads=1)
   return _time_batches(p)
 
@@ -80,7 +84,7 @@ def run_torchvision(root, kind, batch):
   import torch  # pylint: disable=g-import-not-at-top
   from torchvision import datasets, transforms as T  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
-  if kind == "pretrain":
+  if kind in ("pretrain", "pretrain_host"):
     tfm = T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=3),
                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
   else:
@@ -99,7 +103,7 @@ def main(argv=None):
   ap.add_argument("--images", default="/tmp/sbam_bench_images")
   ap.add_argument("--count", type=int, default=1024)
   ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--kinds", default="pretrain,finetune")
+  ap.add_argument("--kinds", default="pretrain,pretrain_host,finetune")
   ap.add_argument("--impl", default="both", choices=["both", "ours", "torchvision"])
   ap.add_argument("--torch-python", default=None, help="interpreter with torchvision + timm")
   ap.add_argument("--core", type=int, default=0, help="the one CPU core both sides run on")

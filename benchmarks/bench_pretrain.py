@@ -54,7 +54,7 @@ def matmul_peak(dtype=jnp.bfloat16, n: int = 8192, reps: int = 10) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def build(size, method, batch, dtype, attention, img_size):
+def build(size, method, batch, dtype, attention, img_size, device_resize=False):
   overrides = dict(dtype=dtype, attention=attention)
   if img_size:
     overrides["img_size"] = img_size
@@ -69,11 +69,17 @@ def build(size, method, batch, dtype, attention, img_size):
                      opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   cap = masking.max_capacity(spec, cfg.num_patches)
   loss_fn = pretrain_loss(graphdef, spec=spec, warmup_spec=spec, random_steps=0, capacity=cap,
-                          warmup_capacity=cap)
+                          warmup_capacity=cap, image_size=cfg.img_size)
   step = make_train_step(loss_fn, tx, accum_steps=1)
-  images = jax.random.randint(jax.random.PRNGKey(1), (batch, cfg.img_size, cfg.img_size, 3), 0,
-                              256, jnp.int32).astype(jnp.uint8)
-  return cfg, spec, cap, jax.jit(step, donate_argnums=0), state, {"image": images}
+  side = 2 * cfg.img_size if device_resize else cfg.img_size
+  images = jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256,
+                              jnp.int32).astype(jnp.uint8)
+  data = {"image": images}
+  if device_resize:  # host crops on a 2S canvas, resized in the step (data.device_resize)
+    data["size"] = jax.random.randint(jax.random.PRNGKey(2), (batch, 2), cfg.img_size // 2,
+                                      side + 1, jnp.int32)
+    data["flip"] = jax.random.bernoulli(jax.random.PRNGKey(3), 0.5, (batch,))
+  return cfg, spec, cap, jax.jit(step, donate_argnums=0), state, data
 
 
 def inspect(compiled_text: str) -> dict:
@@ -146,6 +152,8 @@ def main(argv=None):
   ap.add_argument("--attention", default="xla", choices=["einsum", "xla", "cudnn"])
   ap.add_argument("--torch", action="store_true", help="also time the PyTorch reference step")
   ap.add_argument("--inspect", action="store_true", help="report host syncs / gathers in HLO")
+  ap.add_argument("--device-resize", action="store_true",
+                  help="feed 2S crops + sizes, resized in the step (data.device_resize)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   dev = jax.devices()[0]
@@ -156,10 +164,12 @@ def main(argv=None):
   for size in args.sizes.split(","):
     for method in args.methods.split(","):
       cfg, spec, cap, jitted, state, images = build(size, method, args.batch, args.dtype,
-                                                    args.attention, args.img_size)
+                                                    args.attention, args.img_size,
+                                                    args.device_resize)
       sec, compile_s, compiled = time_jax(jitted, state, images, args.steps)
       flops = flops_per_image(cfg, cap)
       row = dict(base, size=size, method=method, img_size=cfg.img_size, capacity=cap,
+                 device_resize=args.device_resize,
                  step_ms=round(sec * 1e3, 2), img_per_s=round(args.batch / sec, 1),
                  gflops_per_img=round(flops / 1e9, 2),
                  mfu=round(flops * args.batch / sec / peak, 4), compile_s=round(compile_s, 1))

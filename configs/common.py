@@ -52,6 +52,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
       tfds_name="imagenet2012",
       tfds_data_dir="",
       threads=0,                # tf.data threads per process; 0 = one per core
+      device_resize=True,       # pre-train / probe crops resized on the accelerator
   ))
   cfg.update(overrides)
   return cfg

@@ -92,7 +92,8 @@ def check_pretrain(config: Mapping, *, num_devices: int, num_processes: int):
   return model, spec, micro
 
 
-DATA_KEYS = {"source", "path", "split", "eval_split", "tfds_name", "tfds_data_dir", "threads"}
+DATA_KEYS = {"source", "path", "split", "eval_split", "tfds_name", "tfds_data_dir", "threads",
+             "device_resize"}
 
 
 def _check_common(config: Mapping, *, num_devices: int, num_processes: int):

@@ -62,6 +62,15 @@ def test_training_replaces_bad_images_and_keeps_batch_size(tree):
   assert len(batches) == p.steps_per_epoch == 3
   assert all(b["image"].shape == (7, 32, 32, 3) and b["valid"].all() for b in batches)
   assert p.skipped == 3
+  # Crops for the device resize: canvases + sizes + flips, refilled together.
+  crops = pipeline.InputPipeline(s, transforms.make_transform("pretrain_crop", 32),
+                                 global_batch=7, image_size=32, seed=1, num_epochs=1)
+  batches = list(crops)
+  assert crops.skipped == 3 and all(b["image"].shape == (7, 64, 64, 3) for b in batches)
+  assert 0 < np.mean([b["flip"].mean() for b in batches]) < 1
+  for b in batches:
+    for img, (h, w) in zip(b["image"], b["size"]):
+      assert 0 < h <= 64 and 0 < w <= 64 and img[h:].max(initial=0) == img[:, w:].max(initial=0) == 0
 
 
 def test_same_seed_same_order_and_resume_at_any_step(tree):
@@ -186,7 +195,7 @@ def test_stream_with_gaps_is_recut_at_step_boundaries():
   """Hand-worked: steps of 3, 4 steps; indices 0, 4, 5, 6, 7, 8 and 11 failed
   (a gap at the start, across a boundary, a whole step, the tail)."""
   import types
-  fake = types.SimpleNamespace(local_batch=3, image_size=1)
+  fake = types.SimpleNamespace(local_batch=3, spec={"image": ((1, 1, 3), np.uint8)})
   fake._cut = types.MethodType(pipeline.InputPipeline._cut, fake)
   survivors = [1, 2, 3, 9, 10]
   elem = lambda ids: {"image": np.asarray(ids, np.uint8).reshape(-1, 1, 1, 1).repeat(3, -1),

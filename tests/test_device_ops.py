@@ -30,3 +30,21 @@ def test_random_erasing_statistics():
     assert b.sum() == len(rows) * len(cols)
   vals = out[erased][np.broadcast_to(boxes[..., None], out[erased].shape)]
   assert abs(vals.mean()) < 0.02 and abs(vals.std() - 1) < 0.02
+
+
+def test_device_resize_reproduces_pil_bicubic():
+  """Crops of a real photo, top-left in a canvas: the device resize equals PIL's
+  antialiased bicubic (torchvision's) up to PIL's fixed-point rounding."""
+  from PIL import Image
+  from data_helpers import photo
+  img = np.asarray(photo("astronaut").resize((512, 512), Image.BICUBIC))
+  canvas = np.zeros((5, 448, 448, 3), np.uint8)
+  sizes = [(300, 280), (120, 150), (448, 336), (224, 224), (37, 400)]  # shrink, grow, mixed
+  for i, (h, w) in enumerate(sizes):
+    canvas[i, :h, :w] = img[:h, :w]
+  got = np.asarray(device.resize_crops(jnp.asarray(canvas), jnp.asarray(sizes, jnp.int32), 224))
+  for i, (h, w) in enumerate(sizes):
+    want = np.asarray(Image.fromarray(img[:h, :w]).resize((224, 224), Image.BICUBIC), np.float64)
+    diff = np.abs(got[i] - want)
+    # PIL sums 22-bit fixed-point coefficients: a sum near .5 may round the other way.
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, ((h, w), diff.max(), (diff > 0).mean())

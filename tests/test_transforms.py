@@ -156,3 +156,19 @@ def test_randaugment_parse_and_randomness():
   # Both ops skipped with probability 1/4 (a few applied ops leave the image as is).
   assert 0.15 < unchanged < 0.4
   np.testing.assert_array_equal(fn(tf.constant([0, 3], tf.int64)).numpy(), outs[3])
+
+
+@pytest.mark.parametrize("size", [224, 32])  # the device path; crops beyond the canvas (host path)
+def test_crops_resized_on_device_equal_the_host_transform(size):
+  from sbam_jax.data import device
+  import jax.numpy as jnp
+  data = tf.constant(encode(photo("chelsea"), quality=95))
+  for i in range(6):
+    seed = tf.constant([3, i], tf.int64)
+    host = T.pretrain_transform(data, seed, size=size).numpy().astype(np.float64)
+    out = T.pretrain_crop_transform(data, seed, size=size)
+    assert out["image"].shape == (2 * size, 2 * size, 3)
+    got = np.asarray(device.pixels({k: jnp.asarray(v.numpy()[None]) for k, v in out.items()},
+                                   size))[0]
+    diff = np.abs(got - host)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (i, diff.max(), (diff > 0).mean())

@@ -114,6 +114,25 @@ def pretrain_transform(encoded, seed, size: int = 224, scale=(0.2, 1.0)):
   return random_flip(resize_uint8(img, [size, size]), s_flip)
 
 
+def pretrain_crop_transform(encoded, seed, size: int = 224, scale=(0.2, 1.0)):
+  """RandomResizedCrop + flip with the resize and the flip left to the
+  accelerator (`sbam_jax.data.device.pixels`): the host decodes the crop
+  window and sends it top-left in a zero canvas (2 x size) with its (h, w)
+  and the flip decision. A crop larger than the canvas is resized here (PIL)
+  and sent as (size, size), which the device resize leaves as it is. Either
+  way the pixels are PIL's bicubic resize of the crop, then flipped, as
+  torchvision's RandomResizedCrop + RandomHorizontalFlip."""
+  canvas = 2 * size
+  s_crop, s_flip = split_seed(seed, 2)
+  img = decode_cropped(encoded, lambda h, w: rrc_window(h, w, s_crop, scale))
+  big = (tf.shape(img)[0] > canvas) | (tf.shape(img)[1] > canvas)
+  img = tf.cond(big, lambda: resize_uint8(img, [size, size]), lambda: img)
+  hw = tf.shape(img)[:2]
+  img = tf.pad(img, [[0, canvas - hw[0]], [0, canvas - hw[1]], [0, 0]])
+  img.set_shape([canvas, canvas, 3])
+  return {"image": img, "size": hw, "flip": tf.random.stateless_uniform([], s_flip) < 0.5}
+
+
 def finetune_transform(encoded, seed, size: int = 224, scale=(0.08, 1.0),
                        rand_augment: str = "rand-m9-mstd0.5-inc1"):
   """Random erasing follows on the device (`sbam_jax.data.device.random_erasing`)."""
@@ -149,13 +168,25 @@ def eval_transform(encoded, seed=None, size: int = 224, resize: int = 256):
   return img
 
 
-TRANSFORMS = {"pretrain": pretrain_transform, "finetune": finetune_transform,
-              "eval": eval_transform}
+TRANSFORMS = {"pretrain": pretrain_transform, "pretrain_crop": pretrain_crop_transform,
+              "finetune": finetune_transform, "eval": eval_transform}
+
+
+def output_spec(kind: str, image_size: int) -> dict:
+  """{name: (shape, numpy dtype)} of what transform `kind` emits per image."""
+  if kind == "pretrain_crop":
+    return {"image": ((2 * image_size, 2 * image_size, 3), np.uint8), "size": ((2,), np.int32),
+            "flip": ((), np.bool_)}
+  return {"image": ((image_size, image_size, 3), np.uint8)}
 
 
 def make_transform(kind: str, image_size: int, **kwargs) -> Callable:
-  """(encoded, seed) -> (S, S, 3) uint8 image for 'pretrain' | 'finetune' | 'eval'."""
+  """(encoded, seed) -> (S, S, 3) uint8 image for 'pretrain' | 'finetune' | 'eval';
+  'pretrain_crop' -> {'image': (2S, 2S, 3) canvas, 'size': (h, w), 'flip'}
+  (resized and flipped on the device). The function's `spec` attribute is `output_spec(kind, S)`."""
   if kind not in TRANSFORMS:
     raise ValueError(f"unknown transform {kind!r}; choose from {sorted(TRANSFORMS)}")
   fn = TRANSFORMS[kind]
-  return lambda encoded, seed: fn(encoded, seed, size=image_size, **kwargs)
+  out = lambda encoded, seed: fn(encoded, seed, size=image_size, **kwargs)
+  out.spec = output_spec(kind, image_size)
+  return out

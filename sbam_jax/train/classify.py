@@ -142,14 +142,16 @@ def finetune_loss(graphdef, *, num_classes: int, shards: int, smoothing: float, 
   return loss_fn
 
 
-def probe_loss(graphdef):
+def probe_loss(graphdef, image_size: int):
   """Frozen features (no gradient reaches the encoder), BatchNorm in training
-  mode (its running statistics come back as the new `stats`), cross-entropy."""
+  mode (its running statistics come back as the new `stats`), cross-entropy.
+  Images may come as host crops + 'size' (resized here, `data.device_resize`)."""
 
   def loss_fn(params, fixed, stats, batch, key, step):
     del key, step
     model = nnx.merge(graphdef, params, stats, fixed)
-    feats = jax.lax.stop_gradient(model.features(device_ops.normalize(batch["image"])))
+    image = device_ops.pixels(batch, image_size)
+    feats = jax.lax.stop_gradient(model.features(device_ops.normalize(image)))
     logits = model.classify(feats, train=True)
     labels = batch["label"]
     loss = soft_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
@@ -275,15 +277,20 @@ def make_job(config, workdir: str) -> Job:
     loss_fn = finetune_loss(graphdef, num_classes=num_classes, shards=n_dev,
                             smoothing=config.smoothing, reprob=config.reprob, mix=mix)
   else:
-    loss_fn = probe_loss(graphdef)
+    loss_fn = probe_loss(graphdef, model_cfg.img_size)
+
+  # The probe's crops + flips can leave the resize to the device (the fine-tune
+  # transform cannot: RandAugment works on the resized image).
+  crops_on_host = config.task == "linprobe" and config.data.device_resize
+  keys = ("image", "size", "flip", "label") if crops_on_host else ("image", "label")
 
   def build_step(state_sh):
     bsh = sharding.batch_sharding(mesh)
     fn = jax.jit(make_train_step(loss_fn, tx, accum_steps=config.accum_steps),
-                 in_shardings=(state_sh, {"image": bsh, "label": bsh}),
+                 in_shardings=(state_sh, {k: bsh for k in keys}),
                  out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
     return lambda state, batch: fn(state, {k: sharding.global_batch(mesh, batch[k])
-                                           for k in ("image", "label")})
+                                           for k in keys})
 
   def make_data(start):
     from sbam_jax.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
@@ -291,7 +298,8 @@ def make_job(config, workdir: str) -> Job:
       transform = transforms.make_transform("finetune", model_cfg.img_size,
                                             rand_augment=config.rand_augment)
     else:  # RandomResizedCrop with torchvision's default scale, + flip
-      transform = transforms.make_transform("pretrain", model_cfg.img_size, scale=(0.08, 1.0))
+      transform = transforms.make_transform("pretrain_crop" if crops_on_host else "pretrain",
+                                            model_cfg.img_size, scale=(0.08, 1.0))
     return pipeline.InputPipeline(
         source, transform, global_batch=config.batch_size, image_size=model_cfg.img_size,
         seed=config.seed, process_index=proc, process_count=n_proc, start_step=start,

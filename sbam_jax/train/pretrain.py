@@ -117,34 +117,38 @@ def make_job(config, workdir: str) -> Job:
   step_fns: dict = {}
 
   def build_step(state_sh):
-    bsh = {"image": sharding.batch_sharding(mesh)}
+    bsh = {k: sharding.batch_sharding(mesh) for k in data_keys}
     replicated = NamedSharding(mesh, P())
-    max_keep_fn = _max_keep_fn(graphdef, spec, config.accum_steps, mesh) if bucketed else None
+    max_keep_fn = (_max_keep_fn(graphdef, spec, config.accum_steps, mesh, model_cfg.img_size)
+                   if bucketed else None)
 
     def compile_step(cap):
       loss_fn = pretrain_loss(graphdef, spec=spec, warmup_spec=warm_spec,
                               random_steps=random_steps, capacity=cap,
-                              warmup_capacity=warm_capacity)
+                              warmup_capacity=warm_capacity, image_size=model_cfg.img_size)
       fn = make_train_step(loss_fn, tx, accum_steps=config.accum_steps)
       return jax.jit(fn, in_shardings=(state_sh, bsh), out_shardings=(state_sh, replicated),
                      donate_argnums=0)
 
     def step(state, batch):
-      images = sharding.global_batch(mesh, batch["image"])
+      arrays = {k: sharding.global_batch(mesh, batch[k]) for k in data_keys}
       cap = capacity
       if bucketed and int(state.step) >= random_steps:  # one small host read a step
-        cap = masking.choose_capacity(int(max_keep_fn(state.params, state.fixed, images)),
+        cap = masking.choose_capacity(int(max_keep_fn(state.params, state.fixed, arrays)),
                                       buckets)
       if cap not in step_fns:
         step_fns[cap] = compile_step(cap)
-      return step_fns[cap](state, {"image": images})
+      return step_fns[cap](state, arrays)
 
     return step
+
+  transform_kind = "pretrain_crop" if config.data.device_resize else "pretrain"
+  data_keys = ("image", "size", "flip") if config.data.device_resize else ("image",)
 
   def make_data(start):
     from sbam_jax.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
     return pipeline.InputPipeline(
-        source, transforms.make_transform("pretrain", model_cfg.img_size),
+        source, transforms.make_transform(transform_kind, model_cfg.img_size),
         global_batch=config.batch_size, image_size=model_cfg.img_size, seed=config.seed,
         process_index=proc, process_count=n_proc, start_step=start, num_epochs=config.epochs,
         threads=config.data.threads or None)
@@ -153,7 +157,9 @@ def make_job(config, workdir: str) -> Job:
 
   def on_step(state, step, batch, writer):
     if not figure_batch:
-      figure_batch.append(batch["image"][: config.figure_images])
+      from sbam_jax.data import device as device_ops  # pylint: disable=g-import-not-at-top
+      few = {k: batch[k][: config.figure_images] for k in data_keys}
+      figure_batch.append(np.asarray(device_ops.pixels(few, model_cfg.img_size), np.uint8))
     if step % config.figure_every == 0:
       _figure(state, graphdef, spec, figure_batch[0], step, workdir, writer)
 
@@ -177,14 +183,15 @@ def make_job(config, workdir: str) -> Job:
       on_close=on_close)
 
 
-def _max_keep_fn(graphdef, spec, accum_steps, mesh):
+def _max_keep_fn(graphdef, spec, accum_steps, mesh, image_size):
   """Largest AMR keep length of a step's micro-batches. Keep lengths depend on
   salience only (not on the masking noise), so this equals what the step will
   compute, and the chosen bucket always holds every sample."""
   from sbam_jax.data import device as device_ops  # pylint: disable=g-import-not-at-top
 
-  def fn(params, fixed, images):
+  def fn(params, fixed, batch):
     model = nnx.merge(graphdef, params, fixed)
+    images = device_ops.pixels(batch, image_size)
     micro = images.reshape((accum_steps, -1) + images.shape[1:])
     keep = jax.vmap(lambda x: masking.amr_keep_lengths(
         masking.token_salience(model.embed_patches(device_ops.normalize(x))),

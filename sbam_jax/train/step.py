@@ -44,8 +44,9 @@ STAT_KEYS = ("mask_ratio_mean", "mask_ratio_min", "mask_ratio_max", "frac_above_
 
 
 def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.MaskingSpec,
-                  random_steps: int, capacity: int, warmup_capacity: int):
-  """MAE loss of a batch {'image': uint8}; steps below `random_steps` use
+                  random_steps: int, capacity: int, warmup_capacity: int, image_size: int):
+  """MAE loss of a batch {'image': uint8} (or host crops + 'size', resized
+  here to `image_size`); steps below `random_steps` use
   `warmup_spec` (random masking), the rest `spec`. Salience diagnostics are
   NaN under random masking."""
 
@@ -55,7 +56,7 @@ def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.M
     return out.loss, {k: diag.get(k, jnp.float32(jnp.nan)) for k in STAT_KEYS}
 
   def loss_fn(params, fixed, stats, batch, key, step):
-    imgs = device_ops.normalize(batch["image"], jnp.float32)
+    imgs = device_ops.normalize(device_ops.pixels(batch, image_size), jnp.float32)
     branch = lambda s, c: (lambda _: run(params, fixed, imgs, key, s, c))
     if random_steps <= 0:
       loss, diag = branch(spec, capacity)(None)
