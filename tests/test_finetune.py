@@ -122,7 +122,7 @@ def test_linear_probe_trains_head_only_and_batchnorm_matches_torch():
   tx = optim.lars(lambda s: 0.5)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, fixed=fixed,
                      opt_state=tx.init(params), rng=jax.random.PRNGKey(0), stats=stats)
-  step = jax.jit(make_train_step(classify.probe_loss(graphdef), tx, accum_steps=2))
+  step = jax.jit(make_train_step(classify.probe_loss(graphdef, 16), tx, accum_steps=2))
   rng = np.random.default_rng(0)
   batches = [{"image": rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8),
               "label": rng.integers(0, 5, 8).astype(np.int32)} for _ in range(2)]
