@@ -174,6 +174,28 @@ def test_two_processes_match_one_process(tmp_path, cache):
       "step_0000015.png", "step_0000030.png"]
 
 
+def test_sigterm_on_one_of_two_processes_saves_on_both(tmp_path, cache):
+  """The pre-emption notice reaches every process (the runtime's preemption
+  service): both save the same step and exit 143; a re-run resumes."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [launch(tmp_path, cache, *SHORT, "--config.epochs=40",
+                  flags=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}")) for i in range(2)]
+  lines = []
+  for line in procs[0].stdout:
+    lines.append(line)
+    if line.startswith("step 7/"):
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  outs = ["".join(lines) + procs[0].communicate(timeout=300)[0], procs[1].communicate(timeout=300)[0]]
+  assert [p.returncode for p in procs] == [143, 143], outs
+  saved = [int(o.split("SIGTERM: saving step ")[1].split()[0]) for o in outs]
+  assert saved[0] == saved[1] and str(saved[0]) in os.listdir(tmp_path / "checkpoints")
+
+
 def test_fsdp_splits_parameters_and_moments():
   from jax.sharding import Mesh
   from sbam_jax.models import model_config, MaskedAutoencoder

@@ -3,7 +3,7 @@
 The saved tree is the whole TrainState (step, parameters, fixed tables,
 optimizer state, RNG); the data position is the step, since the input
 pipeline can start at any step. SIGTERM (pre-emption) asks the loop to save
-and exit at the next step boundary.
+and exit at a step boundary (on several processes: the same step on all).
 """
 
 from __future__ import annotations
@@ -45,18 +45,33 @@ class Checkpointer:
 
 
 class Preemption:
-  """Set by SIGTERM; the loop checks it between steps."""
+  """Set by SIGTERM; the loop asks `requested(step)` between steps.
+
+  One process: a Python SIGTERM handler. Several processes (jax.distributed):
+  the distributed runtime's preemption service, which hears SIGTERM on any
+  process and agrees with all of them on the step to save at, so every
+  process joins the (collective) checkpoint; a Python handler would replace
+  the runtime's and leave the other processes training.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._flag = False
+    self._multi = jax.process_count() > 1
+    self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._flag = True
+
+  def requested(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self._flag
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def abstract_like(tree, shardings):

@@ -154,7 +154,7 @@ def fit(job: Job, config, workdir: str, *, eval_only: bool = False) -> int:
         best = max(best or 0.0, metrics_eval["top1"])
         _log_eval(writer, step, epoch_of(step), metrics_eval, best)
         t0, seen = time.time(), 0
-      if preempt.requested:
+      if preempt.requested(step):
         print(f"SIGTERM: saving step {step} and exiting", flush=True)
         ckpt.save(step, state, force=True)
         status = 143
