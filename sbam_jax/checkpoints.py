@@ -102,13 +102,18 @@ def load_into(model, params: dict) -> None:
   nnx.update(model, state)
 
 
-def write_workdir_card(workdir: str, card: dict) -> None:
-  """What a training workdir holds (kind, model config, classes); atomic."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CARD)
+def write_text(path: str, text: str) -> None:
+  """Write under a temporary name and rename: readers never see half a file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w") as f:
-    json.dump({"format": WORKDIR_FORMAT, **card}, f, indent=2, sort_keys=True)
+    f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def write_workdir_card(workdir: str, card: dict) -> None:
+  """What a training workdir holds (kind, model config, classes)."""
+  write_text(os.path.join(workdir, CARD),
+             json.dumps({"format": WORKDIR_FORMAT, **card}, indent=2, sort_keys=True))
 
 
 def deep_merge(*trees: dict) -> dict:

@@ -106,16 +106,26 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def adamw(lr_fn, *, b1: float, b2: float, weight_decay: float,
+          decay_mask) -> optax.GradientTransformation:
+  """torch.optim.AdamW (eps 1e-8) with weight decay where `decay_mask` is True."""
+  return optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
+
+
 def finetune_adamw(lr_fn, *, b1: float, b2: float, weight_decay: float, decay_mask,
                    scales) -> optax.GradientTransformation:
-  return optax.chain(optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,
-                                 mask=decay_mask), scale_by_tree(scales))
+  return optax.chain(adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay,
+                           decay_mask=decay_mask), scale_by_tree(scales))
+
+
+def matrices(params) -> dict:
+  """True for tensors of 2+ dims: where MAE's LARS decays and applies the trust ratio."""
+  return jax.tree.map(lambda p: len(p.shape) > 1, params)
 
 
 def lars(lr_fn, *, weight_decay: float = 0.0, momentum: float = 0.9,
          trust_coefficient: float = 0.001) -> optax.GradientTransformation:
   """MAE's LARS (see the module docstring for the order of operations)."""
-  matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=matrices),
       optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), matrices),
@@ -138,10 +148,11 @@ def parameter_rules(params: dict, decay_mask: dict, scales: dict | None = None) 
   return rules
 
 
-def param_table(params: dict, decay_mask: dict, scales: dict | None = None) -> list[str]:
-  """One line per reference tensor: name, shape, weight decay on/off, lr scale."""
+def param_table(rules: dict) -> list[str]:
+  """One line per reference tensor of `parameter_rules`: name, shape, weight
+  decay on/off, lr scale."""
   return [f"{key:40s} {str(shape):18s} wd={'yes' if decay else 'no ':3s} lr_scale={s:.6g}"
-          for key, (shape, decay, s) in parameter_rules(params, decay_mask, scales).items()]
+          for key, (shape, decay, s) in rules.items()]
 
 
 def adamw_state(optimizer, params, mu, nu, count: int):

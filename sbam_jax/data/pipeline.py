@@ -48,7 +48,7 @@ class InputPipeline:
   """Iterator of host batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32,
   'valid': (B,) bool} for one process, plus any further per-image outputs the
   transform declares in its `spec` attribute (see transforms.output_spec).
-  `threads` caps the decoding threads (default: tf.data's, one per core)."""
+  `threads`: decoding threads (default: one per core this process may use)."""
 
   def __init__(self, source: Union[src.FolderSource, src.TfdsSource], transform: Callable, *,
                global_batch: int, image_size: int, train: bool = True, seed: int = 0,

@@ -85,25 +85,24 @@ def equalize(img):
   return tf.cast(_lut_per_channel(img, tf.stack(luts)), tf.float32)
 
 
-_ROTATE = -1.0  # marker in the parameter vector: rotate by params[1] degrees
-
-
-def _pil_geometric(img, params):
+def _pil_affine(img, matrix):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   pil = Image.fromarray(np.asarray(img, np.uint8))
-  fill = tuple(int(v) for v in FILL)
-  if params[0] == _ROTATE:
-    out = pil.rotate(float(params[1]), resample=Image.BICUBIC, fillcolor=fill)
-  else:
-    out = pil.transform(pil.size, Image.AFFINE, tuple(float(v) for v in params),
-                        resample=Image.BICUBIC, fillcolor=fill)
+  out = pil.transform(pil.size, Image.AFFINE, tuple(float(v) for v in matrix),
+                      resample=Image.BICUBIC, fillcolor=tuple(int(v) for v in FILL))
   return np.asarray(out, np.float32)
 
 
-def _geometric(img, params):
-  params = [tf.cast(p, tf.float64) for p in params]
-  out = tf.numpy_function(_pil_geometric, [img, tf.stack(params)],
-                          tf.float32, stateful=False)
+def _pil_rotate(img, degrees):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pil = Image.fromarray(np.asarray(img, np.uint8))
+  out = pil.rotate(float(degrees), resample=Image.BICUBIC, fillcolor=tuple(int(v) for v in FILL))
+  return np.asarray(out, np.float32)
+
+
+def _on_host(fn, img, values):
+  """Run PIL function `fn(image, float64 values)` on the float32 image tensor."""
+  out = tf.numpy_function(fn, [img, tf.cast(values, tf.float64)], tf.float32, stateful=False)
   out.set_shape(img.shape)
   return out
 
@@ -111,12 +110,12 @@ def _geometric(img, params):
 def affine(img, matrix):
   """PIL Image.transform(AFFINE, (a, b, c, d, e, f), BICUBIC): output (x, y)
   samples the input at (a x + b y + c, d x + e y + f); outside = FILL."""
-  return _geometric(img, list(matrix))
+  return _on_host(_pil_affine, img, tf.stack([tf.cast(v, tf.float64) for v in matrix]))
 
 
 def rotate(img, degrees):
   """PIL Image.rotate(degrees, BICUBIC) about the centre (counter-clockwise)."""
-  return _geometric(img, [_ROTATE, degrees, 0.0, 0.0, 0.0, 0.0])
+  return _on_host(_pil_rotate, img, degrees)
 
 
 def _sharpness_degenerate(img):

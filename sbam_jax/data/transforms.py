@@ -104,8 +104,13 @@ def resize_uint8(img, size):
   return out
 
 
+def flip_draw(seed):
+  """The horizontal-flip decision (p = 0.5), wherever the flip is applied."""
+  return tf.random.stateless_uniform([], seed) < 0.5
+
+
 def random_flip(img, seed):
-  return tf.cond(tf.random.stateless_uniform([], seed) < 0.5, lambda: img[:, ::-1], lambda: img)
+  return tf.cond(flip_draw(seed), lambda: img[:, ::-1], lambda: img)
 
 
 def pretrain_transform(encoded, seed, size: int = 224, scale=(0.2, 1.0)):
@@ -130,7 +135,7 @@ def pretrain_crop_transform(encoded, seed, size: int = 224, scale=(0.2, 1.0)):
   hw = tf.shape(img)[:2]
   img = tf.pad(img, [[0, canvas - hw[0]], [0, canvas - hw[1]], [0, 0]])
   img.set_shape([canvas, canvas, 3])
-  return {"image": img, "size": hw, "flip": tf.random.stateless_uniform([], s_flip) < 0.5}
+  return {"image": img, "size": hw, "flip": flip_draw(s_flip)}
 
 
 def finetune_transform(encoded, seed, size: int = 224, scale=(0.08, 1.0),

@@ -87,8 +87,7 @@ def starting_weights(config, model_cfg, full: dict) -> tuple[dict, list[str]]:
     if card["kind"] not in CLASSIFIER_KINDS:
       raise cfg_lib.ConfigError(f"eval_only needs a fine-tuned or probed classifier; "
                                 f"init_from {path!r} holds a {card['kind']} checkpoint")
-    loaded = dict(loaded)
-    wanted = {k: full[k] for k in full}
+    wanted = full
   else:
     loaded = {"encoder": dict(_encoder_of(loaded, card))}
     wanted = {"encoder": full["encoder"]}
@@ -185,19 +184,18 @@ def evaluation(config, model_cfg, graphdef, num_classes, mesh, source):
   size = model_cfg.img_size
   # MAE's eval resize: crop_pct 224/256 up to 224 px, the image size itself above.
   resize = int(size / (224 / 256)) if size <= 224 else size
-  batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(make_eval_step(graphdef, num_classes), out_shardings=NamedSharding(mesh, P()))
+  transform = transforms.make_transform("eval", size, resize=resize)
 
   def evaluate(state) -> dict:
     data = pipeline.InputPipeline(
-        source, transforms.make_transform("eval", size, resize=resize),
+        source, transform,
         global_batch=config.eval_batch_size, image_size=size, train=False,
         process_index=jax.process_index(), process_count=jax.process_count(),
         threads=config.data.threads or None)
     totals = None
     for batch in data:
-      gb = {k: jax.make_array_from_process_local_data(batch_sh, batch[k])
-            for k in ("image", "label", "valid")}
+      gb = {k: sharding.global_batch(mesh, batch[k]) for k in ("image", "label", "valid")}
       out = step(state.params, state.stats, state.fixed, gb)
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     t = jax.device_get(totals)
@@ -211,16 +209,16 @@ def evaluation(config, model_cfg, graphdef, num_classes, mesh, source):
 # ---- the job ------------------------------------------------------------------
 
 def _optimizer(config, params, model_cfg, lr_fn):
-  """(optax transform, per-parameter table lines)."""
+  """(optax transform, `optim.parameter_rules` of what it does per tensor)."""
   if config.task == "linprobe":
     tx = optim.lars(lr_fn, weight_decay=config.weight_decay)
-    mask = jax.tree.map(lambda p: bool(config.weight_decay) and len(p.shape) > 1, params)
-    return tx, optim.param_table(params, mask)
+    decays = jax.tree.map(lambda m: m and bool(config.weight_decay), optim.matrices(params))
+    return tx, optim.parameter_rules(params, decays)
   mask = optim.finetune_decay_mask(params)
   scales = optim.layer_decay_scales(params, model_cfg.depth, config.layer_decay)
   tx = optim.finetune_adamw(lr_fn, b1=config.b1, b2=config.b2,
                             weight_decay=config.weight_decay, decay_mask=mask, scales=scales)
-  return tx, optim.param_table(params, mask, scales)
+  return tx, optim.parameter_rules(params, mask, scales)
 
 
 def make_job(config, workdir: str) -> Job:
@@ -251,12 +249,11 @@ def make_job(config, workdir: str) -> Job:
                                     steps_per_epoch=steps_per_epoch)
   abstract = nnx.eval_shape(lambda: build_model(config, model_cfg, num_classes))
   graphdef, abstract_params, _, _ = split_model(abstract, config.task)
-  tx, table = _optimizer(config, abstract_params, model_cfg, lr_fn)
+  tx, rules = _optimizer(config, abstract_params, model_cfg, lr_fn)
   if proc == 0 and not config.eval_only:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "param_groups.txt"), "w") as f:
-      f.write("\n".join(table) + "\n")
-    print(_table_summary(config, table, workdir), flush=True)
+    param_ckpt.write_text(os.path.join(workdir, "param_groups.txt"),
+                          "\n".join(optim.param_table(rules)) + "\n")
+    print(_rules_summary(config, rules, workdir), flush=True)
 
   def init_state(load: bool):
     model = build_model(config, model_cfg, num_classes, seed=config.seed)
@@ -279,10 +276,16 @@ def make_job(config, workdir: str) -> Job:
   else:
     loss_fn = probe_loss(graphdef, model_cfg.img_size)
 
-  # The probe's crops + flips can leave the resize to the device (the fine-tune
-  # transform cannot: RandAugment works on the resized image).
-  crops_on_host = config.task == "linprobe" and config.data.device_resize
-  keys = ("image", "size", "flip", "label") if crops_on_host else ("image", "label")
+  from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  if config.task == "finetune":
+    transform = transforms.make_transform("finetune", model_cfg.img_size,
+                                          rand_augment=config.rand_augment)
+  else:  # RandomResizedCrop with torchvision's default scale, + flip; the probe can
+    # leave the resize to the device (the fine-tune cannot: RandAugment needs it here)
+    transform = transforms.make_transform(
+        "pretrain_crop" if config.data.device_resize else "pretrain", model_cfg.img_size,
+        scale=(0.08, 1.0))
+  keys = (*transform.spec, "label")
 
   def build_step(state_sh):
     bsh = sharding.batch_sharding(mesh)
@@ -293,13 +296,7 @@ def make_job(config, workdir: str) -> Job:
                                            for k in keys})
 
   def make_data(start):
-    from sbam_jax.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
-    if config.task == "finetune":
-      transform = transforms.make_transform("finetune", model_cfg.img_size,
-                                            rand_augment=config.rand_augment)
-    else:  # RandomResizedCrop with torchvision's default scale, + flip
-      transform = transforms.make_transform("pretrain_crop" if crops_on_host else "pretrain",
-                                            model_cfg.img_size, scale=(0.08, 1.0))
+    from sbam_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.InputPipeline(
         source, transform, global_batch=config.batch_size, image_size=model_cfg.img_size,
         seed=config.seed, process_index=proc, process_count=n_proc, start_step=start,
@@ -328,14 +325,13 @@ def _flops_per_image(task: str, cfg) -> float:
   return (3.0 if task == "finetune" else 1.0) * fwd
 
 
-def _table_summary(config, table: list[str], workdir: str) -> str:
-  no_decay = [line.split()[0] for line in table if "wd=no" in line]
-  text = [f"{len(table)} trainable tensors; no weight decay on {len(no_decay)}: "
+def _rules_summary(config, rules: dict, workdir: str) -> str:
+  no_decay = [name for name, (_, decay, _) in rules.items() if not decay]
+  text = [f"{len(rules)} trainable tensors; no weight decay on {len(no_decay)}: "
           f"{', '.join(no_decay[:6])}{' ...' if len(no_decay) > 6 else ''}"]
   if config.task == "finetune":
     scales = {}
-    for line in table:
-      name, s = line.split()[0], float(line.split("lr_scale=")[1])
+    for name, (_, _, s) in rules.items():
       group = name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks.") else "")
       scales.setdefault(group, s)
     text.append("layer-wise lr scales: " + ", ".join(f"{g} {s:.4g}" for g, s in scales.items()))

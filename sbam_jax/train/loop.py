@@ -89,10 +89,11 @@ def fit(job: Job, config, workdir: str, *, eval_only: bool = False) -> int:
   state_sh = sharding.tree_shardings(mesh, abstract)
   replicated = NamedSharding(mesh, P())
   state_sh = state_sh.replace(rng=replicated, step=replicated)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(ckpt.latest_step(), checkpointing.abstract_like(abstract, state_sh))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, checkpointing.abstract_like(abstract, state_sh))
     if proc == 0:
-      print(f"resuming from {ckpt.directory}/{ckpt.latest_step()}", flush=True)
+      print(f"resuming from {ckpt.directory}/{latest}", flush=True)
   else:
     state = jax.device_put(job.init_state(True), state_sh)
   start = int(state.step)

@@ -142,13 +142,15 @@ def make_job(config, workdir: str) -> Job:
 
     return step
 
-  transform_kind = "pretrain_crop" if config.data.device_resize else "pretrain"
-  data_keys = ("image", "size", "flip") if config.data.device_resize else ("image",)
+  from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  transform = transforms.make_transform(
+      "pretrain_crop" if config.data.device_resize else "pretrain", model_cfg.img_size)
+  data_keys = tuple(transform.spec)  # what the host sends per image
 
   def make_data(start):
-    from sbam_jax.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
+    from sbam_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.InputPipeline(
-        source, transforms.make_transform(transform_kind, model_cfg.img_size),
+        source, transform,
         global_batch=config.batch_size, image_size=model_cfg.img_size, seed=config.seed,
         process_index=proc, process_count=n_proc, start_step=start, num_epochs=config.epochs,
         threads=config.data.threads or None)

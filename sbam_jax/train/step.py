@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from sbam_jax import masking
+from sbam_jax import masking, optim
 from sbam_jax.data import device as device_ops
 
 
@@ -35,8 +35,7 @@ class TrainState:
   stats: Any = struct.field(default_factory=dict)  # updated by the forward pass (BatchNorm)
 
 
-def make_optimizer(lr_fn, *, b1: float, b2: float, weight_decay: float, decay_mask):
-  return optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
+make_optimizer = optim.adamw  # pre-training's AdamW (the reference decay mask)
 
 
 STAT_KEYS = ("mask_ratio_mean", "mask_ratio_min", "mask_ratio_max", "frac_above_delta",
