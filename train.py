@@ -40,8 +40,7 @@ def init_distributed():
 def main(argv):
   del argv
   init_distributed()
-  from sbam_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from sbam_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
+  from sbam_jax.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   from sbam_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
     status = loop.run(FLAGS.config, FLAGS.workdir)

@@ -1,11 +1,16 @@
-"""Config pieces shared by every recipe: the model and the masking method.
+"""Config pieces shared by every recipe.
 
-Recipes (`configs/<recipe>.py`, `get_config(arg)`) build on these; the
-defaults are the reference recipe's. `sbam_jax.config` turns them into the
-typed objects the code uses and rejects unknown keys and impossible values.
+Recipes (`configs/<recipe>.py`, `get_config(arg)`) start from a task's
+schema defaults (`sbam_jax.config.defaults(<Task>.Config)`: every key a task
+reads, with the reference recipe's values) and change what differs. The
+schemas, with a comment per key, are the dataclasses in `sbam_jax/config.py`
+(shared sections) and in each task module (`sbam_jax/train/pretrain.py`,
+`sbam_jax/train/classify.py`).
 """
 
 import ml_collections
+
+from sbam_jax import config as config_lib
 
 
 def model(size: str = "base", **overrides) -> ml_collections.ConfigDict:
@@ -24,43 +29,22 @@ def model(size: str = "base", **overrides) -> ml_collections.ConfigDict:
 
 
 def masking(method: str = "sbam", **overrides) -> ml_collections.ConfigDict:
-  """Masking method and its static-shape strategy.
-
-  ratio_var = 0.1 and delta = 0.5 are this project's defaults: the SBAM
-  release states no values for them.
-  """
-  cfg = ml_collections.ConfigDict(dict(
-      method=method,            # 'random' (MAE) | 'sbam' (ratio_var = 0 gives SBM)
-      mask_ratio=0.75,
-      ratio_var=0.1,
-      delta=0.5,
-      group="device",           # AMR ratio shared per 'sample' | 'device' batch | 'global' batch
-      capacity="max",           # 'max' (one compile, no host sync) | 'bucketed'
-      num_buckets=4,
-  ))
+  """The masking section (sbam_jax.config.MaskingConfig) for `method`."""
+  cfg = config_lib.defaults(config_lib.MaskingConfig)
+  cfg.method = method
   cfg.update(overrides)
   return cfg
 
 
 def data(**overrides) -> ml_collections.ConfigDict:
-  """Where images come from (the same fields for every task)."""
-  cfg = ml_collections.ConfigDict(dict(
-      source="folder",          # 'folder' (MAE layout) | 'tfds' | 'demo'
-      path="",                  # folder layout root (--data_path of the reference)
-      split="train",
-      eval_split="",            # evaluated by fine-tuning / probing; '' = val (folder) / validation (tfds)
-      tfds_name="imagenet2012",
-      tfds_data_dir="",
-      threads=0,                # tf.data threads per process; 0 = one per core
-      device_resize=True,       # pre-train / probe crops resized on the accelerator
-  ))
+  """Where images come from (sbam_jax.config.DataConfig)."""
+  cfg = config_lib.defaults(config_lib.DataConfig)
   cfg.update(overrides)
   return cfg
 
 
-def run_control(c: ml_collections.ConfigDict) -> None:
-  """Mesh, logging and checkpoint cadence (steps), the same for every task."""
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.log_every = 50
-  c.checkpoint_every = 2000   # steps; and at the end, and on SIGTERM
-  c.keep_checkpoints = 3
+def knn_monitor(every: int, bank: int, queries: int, **more) -> dict:
+  """The representation monitor of pre-training: weighted k-NN (DINO's) on
+  frozen encoder features, a fixed seeded bank of training images against a
+  fixed subset of the eval split."""
+  return dict(type="knn", every=every, bank=bank, queries=queries, **more)

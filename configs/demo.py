@@ -25,4 +25,7 @@ def get_config(arg: str = ""):
   c.log_every = 15
   c.checkpoint_every = 120
   c.figure_every = 180
+  # The representation monitor: k-NN top-1 of the frozen encoder (10 classes,
+  # chance 10 %) every 4 epochs, all 480 training crops against the 160 val crops.
+  c.evals.knn = common.knn_monitor(every=4, bank=480, queries=160)
   return c

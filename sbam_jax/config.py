@@ -1,46 +1,186 @@
-"""Typed objects from ml_collections configs, with one clear error per problem.
+"""Typed configs: ml_collections ConfigDicts -> frozen dataclasses.
 
-Configs are plain ConfigDicts (see configs/common.py); the code runs on the
-frozen dataclasses built here, so a typo or an impossible value fails before
-anything compiles, naming the config field.
+Every config section has a schema, a dataclass whose fields are the section's
+keys with their defaults and types (`TrainConfig` and its subclasses in each
+task module, `DataConfig`, `MaskingConfig`, ... here). `parse` checks a
+config against its schema: an unknown key names the closest known one, a
+value of the wrong type names the field; a missing key takes the default.
+Recipes in configs/ start from `defaults(schema)`, so the keys a recipe
+shows, the keys that validate and the defaults are one list: adding a key
+is adding a field. Semantic checks (a batch that does not split, a ratio
+outside its range) live beside the code that needs them and raise
+ConfigError naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+import difflib
+import typing
+from typing import Any, Mapping
 
 from sbam_jax import masking
+from sbam_jax.errors import ConfigError
 from sbam_jax.models.sizes import SIZES, ModelConfig, model_config
+
+__all__ = ["ConfigError", "parse", "defaults", "TrainConfig", "DataConfig", "MeshConfig",
+           "MaskingConfig", "build_model_config", "build_masking_spec", "group_size"]
 
 GROUPS = ("sample", "device", "global")
 CAPACITIES = ("max", "bucketed")
-_MASKING_KEYS = {"method", "mask_ratio", "ratio_var", "delta", "group", "capacity", "num_buckets"}
 
 
-class ConfigError(ValueError):
-  """A config field that is unknown or holds an impossible value."""
+def _plain(value: Any) -> Any:
+  """ConfigDicts -> plain dicts (other values as they are)."""
+  return value.to_dict() if hasattr(value, "to_dict") else value
 
 
-def _check_keys(cfg: Mapping, allowed: set, where: str):
-  unknown = sorted(set(cfg.keys()) - allowed)
+def check_known(keys, known, where: str = "") -> None:
+  """A ConfigError naming each unknown key and the closest known one."""
+  prefix = f"{where}." if where else ""
+  unknown = sorted(set(keys) - set(known))
   if unknown:
-    raise ConfigError(f"unknown {where} config field(s): {', '.join(f'{where}.{k}' for k in unknown)}; "
-                      f"known: {', '.join(sorted(allowed))}")
+    problems = []
+    for key in unknown:
+      close = difflib.get_close_matches(key, list(known), n=1)
+      problems.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+    raise ConfigError(f"unknown config field {', '.join(problems)}; known in "
+                      f"{where or 'the top level'}: {', '.join(known)}")
+
+
+def _coerce(typ: Any, value: Any, where: str) -> Any:
+  value = _plain(value)
+  if dataclasses.is_dataclass(typ):
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{where} must be a section (dict) of {typ.__name__}, got {value!r}")
+    return parse(typ, value, where)
+  if typ is dict:
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{where} must be a dict, got {value!r}")
+    return dict(value)
+  ok = {bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str)}.get(typ, True)
+  if not ok:
+    raise ConfigError(f"{where} must be {getattr(typ, '__name__', typ)}, got {value!r}")
+  return float(value) if typ is float else value
+
+
+def parse(schema: type, cfg: Mapping, where: str = "") -> Any:
+  """`cfg` as an instance of the dataclass `schema` (see the module docstring)."""
+  hints = typing.get_type_hints(schema)
+  fields = [f.name for f in dataclasses.fields(schema)]
+  prefix = f"{where}." if where else ""
+  check_known(cfg.keys(), fields, where)
+  return schema(**{k: _coerce(hints[k], cfg[k], prefix + k) for k in fields if k in cfg})
+
+
+def defaults(schema: type):
+  """A ConfigDict holding the schema's fields and defaults (what recipes start from)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dataclasses.asdict(schema()))
+
+
+# ---- sections shared by every task ------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where images come from (the same fields for every task)."""
+  source: str = "folder"        # a registered source: 'folder' (MAE layout) | 'tfds' | 'demo'
+  path: str = ""                # folder layout root (--data_path of the reference)
+  split: str = "train"
+  eval_split: str = ""          # '' = val (folder) / validation (tfds)
+  tfds_name: str = "imagenet2012"
+  tfds_data_dir: str = ""
+  threads: int = 0              # tf.data threads per process; 0 = one per core
+  device_resize: bool = True    # pre-train / probe crops resized on the accelerator
+
+  def eval_split_name(self) -> str:
+    return self.eval_split or ("validation" if self.source == "tfds" else "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1                # -1: all devices not used by fsdp
+  fsdp: int = 1                 # devices that split parameters and optimizer state
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Fields every training task has (a task's schema subclasses this)."""
+  task: str = "pretrain"        # a registered task
+  seed: int = 0
+  model: dict = dataclasses.field(default_factory=dict)   # see build_model_config
+  data: DataConfig = DataConfig()
+  batch_size: int = 4096        # global images per optimizer step (all devices, all micro-steps)
+  accum_steps: int = 1          # micro-steps per optimizer step (--accum_iter)
+  epochs: int = 400
+  warmup_epochs: int = 40
+  blr: float = 1.5e-4           # lr = blr * batch_size / 256
+  min_lr: float = 0.0
+  weight_decay: float = 0.05
+  b1: float = 0.9               # AdamW betas (the recipe's optimizer)
+  b2: float = 0.95
+  optimizer: str = ""           # '' = the recipe's; 'adamw' | 'lars' | any optax optimizer name
+  optimizer_args: dict = dataclasses.field(default_factory=dict)  # its keyword arguments
+  init_from: str = ""           # converted checkpoint or training workdir
+  mesh: MeshConfig = MeshConfig()
+  evals: dict = dataclasses.field(default_factory=dict)  # name -> dict(type=..., every=..., ...)
+  log_every: int = 50           # steps
+  checkpoint_every: int = 2000  # steps; and at the end, and on SIGTERM
+  keep_checkpoints: int = 3
+
+  def check(self, *, num_devices: int, num_processes: int) -> int:
+    """Checks every task needs; returns the global micro-batch size."""
+    batch, accum = self.batch_size, self.accum_steps
+    if accum < 1:
+      raise ConfigError(f"accum_steps must be >= 1, got {accum}")
+    if batch < 1 or batch % (accum * num_devices) or batch % (accum * num_processes):
+      raise ConfigError(f"batch_size {batch} must split into accum_steps ({accum}) x "
+                        f"{num_devices} devices (and {num_processes} processes)")
+    if not 0 <= self.warmup_epochs < self.epochs:
+      raise ConfigError(f"need 0 <= warmup_epochs ({self.warmup_epochs}) < epochs "
+                        f"({self.epochs})")
+    if self.blr <= 0 or self.min_lr < 0:
+      raise ConfigError(f"blr must be > 0 and min_lr >= 0, got {self.blr}, {self.min_lr}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ConfigError(f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}")
+    fsdp = self.mesh.fsdp
+    if fsdp < 1 or num_devices % fsdp:
+      raise ConfigError(f"mesh.fsdp={fsdp} must divide the {num_devices} devices")
+    return batch // accum
 
 
 def build_model_config(cfg: Mapping) -> ModelConfig:
   """`config.model` -> ModelConfig ('size' picks the architecture)."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  _check_keys(cfg, fields | {"size"}, "model")
-  values = dict(cfg)
+  values = dict(_plain(cfg))
+  check_known(values, [f.name for f in dataclasses.fields(ModelConfig)] + ["size"], "model")
   size = values.pop("size", "base")
   if size not in SIZES:
     raise ConfigError(f"model.size must be one of {SIZES}, got {size!r}")
   try:
     return model_config(size, **values)
-  except ValueError as e:
+  except (TypeError, ValueError) as e:
     raise ConfigError(f"model: {e}") from None
+
+
+# ---- masking ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MaskingConfig:
+  """Masking method and its static-shape strategy. ratio_var = 0.1 and
+  delta = 0.5 are this project's defaults: the SBAM release states none."""
+  method: str = masking.SBAM    # 'random' (MAE) | 'sbam' (ratio_var = 0 gives SBM)
+  mask_ratio: float = 0.75
+  ratio_var: float = 0.1
+  delta: float = 0.5
+  group: str = "device"         # AMR ratio shared per 'sample' | 'device' batch | 'global' batch
+  capacity: str = "max"         # 'max' (one compile, no host sync) | 'bucketed'
+  num_buckets: int = 4
 
 
 def group_size(group: str, *, global_batch: int, num_devices: int) -> int:
@@ -54,123 +194,14 @@ def group_size(group: str, *, global_batch: int, num_devices: int) -> int:
 
 def build_masking_spec(cfg: Mapping, *, global_batch: int, num_devices: int) -> masking.MaskingSpec:
   """`config.masking` -> MaskingSpec, with the AMR group resolved to a size."""
-  _check_keys(cfg, _MASKING_KEYS, "masking")
-  if cfg.get("capacity", "max") not in CAPACITIES:
-    raise ConfigError(f"masking.capacity must be one of {CAPACITIES}, got {cfg['capacity']!r}")
-  if int(cfg.get("num_buckets", 4)) < 1:
-    raise ConfigError(f"masking.num_buckets must be >= 1, got {cfg['num_buckets']}")
-  size = group_size(cfg.get("group", "device"), global_batch=global_batch, num_devices=num_devices)
+  m = cfg if isinstance(cfg, MaskingConfig) else parse(MaskingConfig, cfg, "masking")
+  if m.capacity not in CAPACITIES:
+    raise ConfigError(f"masking.capacity must be one of {CAPACITIES}, got {m.capacity!r}")
+  if m.num_buckets < 1:
+    raise ConfigError(f"masking.num_buckets must be >= 1, got {m.num_buckets}")
+  size = group_size(m.group, global_batch=global_batch, num_devices=num_devices)
   try:
-    return masking.MaskingSpec(method=cfg.get("method", masking.SBAM),
-                               mask_ratio=float(cfg.get("mask_ratio", 0.75)),
-                               ratio_var=float(cfg.get("ratio_var", 0.1)),
-                               delta=float(cfg.get("delta", 0.5)), group_size=size)
+    return masking.MaskingSpec(method=m.method, mask_ratio=m.mask_ratio, ratio_var=m.ratio_var,
+                               delta=m.delta, group_size=size)
   except ValueError as e:
     raise ConfigError(f"masking: {e}") from None
-
-
-PRETRAIN_KEYS = {"task", "seed", "model", "masking", "random_epochs", "data", "batch_size", "accum_steps",
-                 "epochs", "warmup_epochs", "blr", "min_lr", "weight_decay", "b1", "b2", "mesh",
-                 "init_from", "log_every", "checkpoint_every", "keep_checkpoints", "figure_every",
-                 "figure_images"}
-DATA_SOURCES = ("folder", "tfds", "demo")
-
-
-def check_pretrain(config: Mapping, *, num_devices: int, num_processes: int):
-  """Validate a pre-training config before anything is built or compiled.
-
-  Returns (ModelConfig, MaskingSpec, micro-batch global size).
-  """
-  _check_keys(config, PRETRAIN_KEYS, "top-level")
-  model, micro = _check_common(config, num_devices=num_devices, num_processes=num_processes)
-  spec = build_masking_spec(config["masking"], global_batch=micro, num_devices=num_devices)
-  if not 0 <= config["random_epochs"] < config["epochs"]:
-    raise ConfigError(f"need 0 <= random_epochs ({config['random_epochs']}) < epochs "
-                      f"({config['epochs']})")
-  if int(config["figure_every"]) < 1:
-    raise ConfigError(f"figure_every must be >= 1, got {config['figure_every']}")
-  return model, spec, micro
-
-
-DATA_KEYS = {"source", "path", "split", "eval_split", "tfds_name", "tfds_data_dir", "threads",
-             "device_resize"}
-
-
-def _check_common(config: Mapping, *, num_devices: int, num_processes: int):
-  """Fields every training task has; returns (ModelConfig, micro-batch global size)."""
-  _check_keys(config["data"], DATA_KEYS, "data")
-  _check_keys(config["mesh"], {"data", "fsdp"}, "mesh")
-  model = build_model_config(config["model"])
-  batch, accum = int(config["batch_size"]), int(config["accum_steps"])
-  if accum < 1:
-    raise ConfigError(f"accum_steps must be >= 1, got {accum}")
-  if batch % (accum * num_devices) or batch % (accum * num_processes):
-    raise ConfigError(f"batch_size {batch} must split into accum_steps ({accum}) x "
-                      f"{num_devices} devices (and {num_processes} processes)")
-  if not 0 <= config["warmup_epochs"] < config["epochs"]:
-    raise ConfigError(f"need 0 <= warmup_epochs ({config['warmup_epochs']}) < epochs "
-                      f"({config['epochs']})")
-  if config["blr"] <= 0 or config["min_lr"] < 0:
-    raise ConfigError(f"blr must be > 0 and min_lr >= 0, got {config['blr']}, {config['min_lr']}")
-  if config["data"]["source"] not in DATA_SOURCES:
-    raise ConfigError(f"data.source must be one of {DATA_SOURCES}, got "
-                      f"{config['data']['source']!r}")
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    if int(config[key]) < 1:
-      raise ConfigError(f"{key} must be >= 1, got {config[key]}")
-  if not (0 <= config["b1"] < 1 and 0 <= config["b2"] < 1):
-    raise ConfigError(f"b1, b2 must be in [0, 1), got {config['b1']}, {config['b2']}")
-  fsdp = int(config["mesh"]["fsdp"])
-  if fsdp < 1 or num_devices % fsdp:
-    raise ConfigError(f"mesh.fsdp={fsdp} must divide the {num_devices} devices")
-  return model, batch // accum
-
-
-CLASSIFY_KEYS = {"task", "seed", "model", "num_classes", "global_pool", "drop_path", "init_from",
-                 "eval_only", "data", "batch_size", "accum_steps", "eval_batch_size", "epochs",
-                 "warmup_epochs", "blr", "min_lr", "weight_decay", "b1", "b2", "layer_decay",
-                 "smoothing", "mixup", "rand_augment", "reprob", "mesh", "log_every",
-                 "checkpoint_every", "keep_checkpoints", "eval_every"}
-MIXUP_KEYS = {"mixup_alpha", "cutmix_alpha", "prob", "switch_prob"}
-
-
-def mixup_active(mix: Mapping) -> bool:
-  return mix["prob"] > 0 and (mix["mixup_alpha"] > 0 or mix["cutmix_alpha"] > 0)
-
-
-def check_classify(config: Mapping, *, num_devices: int, num_processes: int) -> ModelConfig:
-  """Validate a fine-tune / linear-probe config (see configs/finetune.py)."""
-  _check_keys(config, CLASSIFY_KEYS, "top-level")
-  _check_keys(config["mixup"], MIXUP_KEYS, "mixup")
-  model, micro = _check_common(config, num_devices=num_devices, num_processes=num_processes)
-  eval_batch = int(config["eval_batch_size"])
-  if eval_batch < 1 or eval_batch % num_devices or eval_batch % num_processes:
-    raise ConfigError(f"eval_batch_size {eval_batch} must split over {num_devices} devices "
-                      f"(and {num_processes} processes)")
-  if not 0 <= config["drop_path"] < 1:
-    raise ConfigError(f"drop_path must be in [0, 1), got {config['drop_path']}")
-  if not 0 < config["layer_decay"] <= 1:
-    raise ConfigError(f"layer_decay must be in (0, 1], got {config['layer_decay']}")
-  if not 0 <= config["smoothing"] < 1:
-    raise ConfigError(f"smoothing must be in [0, 1), got {config['smoothing']}")
-  if not 0 <= config["reprob"] <= 1:
-    raise ConfigError(f"reprob must be in [0, 1], got {config['reprob']}")
-  mix = config["mixup"]
-  if not (0 <= mix["prob"] <= 1 and 0 <= mix["switch_prob"] <= 1):
-    raise ConfigError(f"mixup.prob and mixup.switch_prob must be in [0, 1], got "
-                      f"{mix['prob']}, {mix['switch_prob']}")
-  if mixup_active(mix) and (micro // num_devices) % 2:
-    raise ConfigError(f"mixup pairs each device's batch with its reverse: the per-device "
-                      f"micro-batch {micro // num_devices} must be even")
-  if config["task"] == "linprobe":
-    used = [k for k in ("drop_path", "smoothing", "reprob", "rand_augment") if config[k]]
-    if mixup_active(mix):
-      used.append("mixup")
-    if used:
-      raise ConfigError(f"linear probing (MAE main_linprobe) trains on plain crops + flips, "
-                        f"no regularisation; unset: {', '.join(used)}")
-  if int(config["eval_every"]) < 1:
-    raise ConfigError(f"eval_every must be >= 1 (epochs), got {config['eval_every']}")
-  if int(config["num_classes"]) < 0:
-    raise ConfigError(f"num_classes must be >= 0 (0 = from the data), got {config['num_classes']}")
-  return model

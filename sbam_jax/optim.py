@@ -19,10 +19,19 @@ lr before the momentum and so differs while the lr changes).
 
 Rules are stated on the reference's torch names (`torch_key_for`), so they
 read exactly like the reference code.
+
+By name (`config.optimizer`): each task states its decay mask and lr scales;
+`build` turns a name into an optax transformation with them: the registered
+`adamw` and `lars` above, or any optax optimizer (`"lamb"`, `"sgd(momentum=0.9)"`,
+keyword arguments also from `config.optimizer_args`), whose weight decay, if
+it has one, gets the task's mask. Resume needs nothing per optimizer: the
+whole optimizer state is checkpointed as a tree.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 from typing import Callable
 
 import jax
@@ -31,7 +40,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from sbam_jax import registry
 from sbam_jax.convert.torch_keys import torch_key_for
+from sbam_jax.errors import ConfigError
 
 FINETUNE_NO_DECAY = ("pos_embed", "cls_token", "dist_token")
 
@@ -168,3 +179,68 @@ def adamw_state(optimizer, params, mu, nu, count: int):
     return s
 
   return jax.tree.map(replace, state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+
+
+# ---- optimizers by name ---------------------------------------------------------
+
+@registry.register("optimizer", "adamw")
+def adamw_named(lr_fn, *, decay_mask, scales=None, b1: float = 0.9, b2: float = 0.999,
+                weight_decay: float = 0.0, eps: float = 1e-8) -> optax.GradientTransformation:
+  """The recipes' AdamW (torch semantics), with the task's per-tensor lr scales."""
+  tx = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+  return tx if scales is None else optax.chain(tx, scale_by_tree(scales))
+
+
+@registry.register("optimizer", "lars")
+def lars_named(lr_fn, *, decay_mask=None, scales=None, weight_decay: float = 0.0,
+               momentum: float = 0.9, trust_coefficient: float = 0.001):
+  """MAE's LARS; its decay and trust ratio apply to matrices (its own rule)."""
+  del decay_mask
+  tx = lars(lr_fn, weight_decay=weight_decay, momentum=momentum,
+            trust_coefficient=trust_coefficient)
+  return tx if scales is None else optax.chain(tx, scale_by_tree(scales))
+
+
+def parse_name(spec: str) -> tuple[str, dict]:
+  """'sgd(momentum=0.9, nesterov=True)' -> ('sgd', {...}); literal values only."""
+  try:
+    node = ast.parse(spec.strip(), mode="eval").body
+    if isinstance(node, ast.Name):
+      return node.id, {}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+      return node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+  except (SyntaxError, ValueError):
+    pass
+  raise ConfigError(f"optimizer={spec!r}: write a name, or name(key=value, ...) with literal "
+                    f"values, e.g. 'adamw' or 'sgd(momentum=0.9)'")
+
+
+def build(spec: str, lr_fn, *, decay_mask, scales=None, defaults: dict | None = None,
+          args: dict | None = None) -> optax.GradientTransformation:
+  """The optimizer `spec` names (see the module docstring). `defaults`: the
+  recipe's keyword arguments (b1, b2, weight_decay), used where the optimizer
+  takes them; `args` (config.optimizer_args and the spec's own) override."""
+  name, own = parse_name(spec)
+  kwargs = {**(args or {}), **own}
+  try:
+    fn = registry.lookup("optimizer", name, where="optimizer")
+    custom = True
+  except ConfigError:
+    fn, custom = getattr(optax, name, None), False
+    if not callable(fn):
+      raise
+  accepted = inspect.signature(fn).parameters
+  kwargs = {**{k: v for k, v in (defaults or {}).items() if k in accepted}, **kwargs}
+  if custom:
+    kwargs.update(decay_mask=decay_mask, scales=scales)
+  elif "mask" in accepted and "weight_decay" in accepted:
+    kwargs["mask"] = decay_mask
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+    raise ConfigError(f"optimizer {name!r} takes no argument {', '.join(unknown)}; it takes "
+                      f"{', '.join(k for k in accepted if k != 'learning_rate')}")
+  try:
+    tx = fn(lr_fn, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"optimizer {spec!r}: {e}") from None
+  return tx if custom or scales is None else optax.chain(tx, scale_by_tree(scales))

@@ -199,7 +199,7 @@ def test_sigterm_on_one_of_two_processes_saves_on_both(tmp_path, cache):
 def test_fsdp_splits_parameters_and_moments():
   from jax.sharding import Mesh
   from sbam_jax.models import model_config, MaskedAutoencoder
-  from sbam_jax.train import sharding
+  from sbam_jax import sharding
   from flax import nnx
   import optax
   devices = [jax.devices()[0]] * 1

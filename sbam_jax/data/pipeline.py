@@ -24,24 +24,24 @@ every process keeps the same number of steps. (A tiny dataset per image with
 its own `ignore_errors` does the same inside tf.data but costs ~2 ms of
 overhead per image.)
 
-tfds sources read their process's part of the split
-(`tfds.split_for_jax_process`), with file order and a shuffle buffer seeded
-from (seed, epoch), in this same framework.
+What each element is comes from the source (`sources.py`): an indexed
+source (the folder layout) gives the records at this process's positions of
+the permutation; a stream (tfds) reads its process's part of the split in an
+order seeded from (seed, epoch), in this same framework.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from sbam_jax.data import sources as src
+from sbam_jax.errors import DataError
 from sbam_jax.data.tf_env import import_tf
 
 tf = import_tf()
-_EPOCH_SEED_STRIDE = 1_000_003
 
 
 class InputPipeline:
@@ -50,7 +50,7 @@ class InputPipeline:
   transform declares in its `spec` attribute (see transforms.output_spec).
   `threads`: decoding threads (default: one per core this process may use)."""
 
-  def __init__(self, source: Union[src.FolderSource, src.TfdsSource], transform: Callable, *,
+  def __init__(self, source, transform: Callable, *,
                global_batch: int, image_size: int, train: bool = True, seed: int = 0,
                process_index: int = 0, process_count: int = 1, start_step: int = 0,
                num_epochs: Optional[int] = None, shuffle_buffer: int = 16_384,
@@ -75,7 +75,7 @@ class InputPipeline:
     if train:
       self.steps_per_epoch = n // global_batch
       if self.steps_per_epoch == 0:
-        raise src.DataError(f"{_describe(source)} has {n} images, fewer than one global batch "
+        raise DataError(f"{source.describe()} has {n} images, fewer than one global batch "
                             f"of {global_batch}")
     else:
       self.steps_per_epoch = -(-n // global_batch)
@@ -100,37 +100,9 @@ class InputPipeline:
 
   # ---- tf.data -------------------------------------------------------------
 
-  def _folder_elements(self, epoch: int, offset: int):
-    """This process's (path, label, seed, pad) for one epoch, from step `offset`."""
-    pos = self.epoch_positions(epoch)[offset:].reshape(-1)
-    safe = np.maximum(pos, 0)
-    paths = np.where(pos >= 0, self.source.paths[safe], "").astype(np.bytes_)
-    labels = np.where(pos >= 0, self.source.labels[safe], 0).astype(np.int32)
-    seeds = np.stack([np.full_like(pos, self.seed * _EPOCH_SEED_STRIDE + epoch), safe], 1)
-    return tf.data.Dataset.from_tensor_slices((paths, labels, seeds.astype(np.int64), pos < 0))
-
-  def _tfds_elements(self, epoch: int, offset: int):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    source = self.source
-    split = tfds.split_for_jax_process(source.split, process_index=self.process_index,
-                                       process_count=self.process_count)
-    epoch_seed = self.seed * _EPOCH_SEED_STRIDE + epoch
-    ds = tfds.load(source.name, split=split, data_dir=source.data_dir, shuffle_files=self.train,
-                   read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, try_autocache=False),
-                   decoders={source.image_key: tfds.decode.SkipDecoding()})
-    ds = ds.map(lambda ex: (ex[source.image_key], tf.cast(ex[source.label_key], tf.int32), False))
-    if self.train:
-      ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    # Evaluation: shards differ by at most one image; pad every process to the same length.
-    pad = tf.data.Dataset.from_tensors((tf.constant(b""), 0, True)).repeat()
-    ds = ds.concatenate(pad).take(self.steps_per_epoch * self.local_batch)
-    ds = ds.enumerate().skip(offset * self.local_batch)
-    return ds.map(lambda i, ex: (ex[0], ex[1], tf.stack([tf.constant(epoch_seed, tf.int64), i]),
-                                 ex[2]))
-
-  def _decode(self, data, label, seed, pad, index, read_file: bool):
+  def _decode(self, data, label, seed, pad, index, read):
     def load():
-      encoded = tf.io.read_file(data) if read_file else data
+      encoded = data if read is None else read(data)
       out = self.transform(encoded, seed)
       out = out if isinstance(out, dict) else {"image": out}
       return {k: tf.ensure_shape(out[k], shape) for k, (shape, _) in self.spec.items()}
@@ -141,11 +113,11 @@ class InputPipeline:
 
   def epoch_dataset(self, epoch: int, offset: int = 0) -> "tf.data.Dataset":
     """Batches of one epoch for this process, starting at step `offset`."""
-    folder = isinstance(self.source, src.FolderSource)
-    elements = (self._folder_elements if folder else self._tfds_elements)(epoch, offset)
+    elements = self.source.elements(self, epoch, offset)
+    read = self.source.reader()
     threads = self.threads or len(os.sched_getaffinity(0))
     ds = elements.enumerate().map(
-        lambda i, e: self._decode(*e, index=i, read_file=folder),
+        lambda i, e: self._decode(*e, index=i, read=read),
         num_parallel_calls=threads, deterministic=True).ignore_errors()
     ds = ds.batch(self.local_batch)  # cut at step boundaries by `_aligned`
     options = tf.data.Options()
@@ -160,26 +132,19 @@ class InputPipeline:
 
   # ---- host side ---------------------------------------------------------
 
-  def _name(self, epoch: int, offset: int, index: int) -> str:
-    """What the `index`-th element of this process's stream (from step `offset`) is."""
-    if isinstance(self.source, src.FolderSource):
-      return str(self.source.paths[self.epoch_positions(epoch)[offset:].reshape(-1)[index]])
-    return (f"{_describe(self.source)} element {offset * self.local_batch + index} of epoch "
-            f"{epoch} (process {self.process_index})")
-
   def _finish(self, batch: dict, epoch: int, offset: int) -> dict:
     ok, pad = batch["ok"], batch["pad"]
     bad = ~ok & ~pad
     if bad.any():
       self.skipped += int(bad.sum())
       for index in batch["index"][bad][: self._max_names - len(self.skipped_names)]:
-        self.skipped_names.append(self._name(epoch, offset, int(index)))
+        self.skipped_names.append(self.source.element_name(self, epoch, offset, int(index)))
         logging.warning("skipped an image that failed to decode: %s", self.skipped_names[-1])
       if self.train:
         good = np.flatnonzero(ok)
         if good.size == 0:
-          raise src.DataError(f"no image of a whole batch could be decoded from "
-                              f"{_describe(self.source)}; first: {self.skipped_names[:3]}")
+          raise DataError(f"no image of a whole batch could be decoded from "
+                              f"{self.source.describe()}; first: {self.skipped_names[:3]}")
         # Fill each failed slot with a decodable image of the same batch.
         keys = (*self.spec, "label")
         batch.update({k: batch[k].copy() for k in keys})
@@ -233,8 +198,3 @@ class InputPipeline:
         yield self._finish(batch, epoch, offset)
       epoch, offset = epoch + 1, 0
 
-
-def _describe(source) -> str:
-  if isinstance(source, src.FolderSource):
-    return f"{source.root}/{source.split}"
-  return f"tfds {source.name}:{source.split}"

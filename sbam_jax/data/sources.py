@@ -1,6 +1,24 @@
-"""Where images come from: the MAE folder layout, tensorflow-datasets, or
-synthetic arrays. A source is a list of records that the pipeline orders,
-shards and decodes; it never decodes anything itself.
+"""Where images come from, behind one small protocol.
+
+A source is a list of labelled, still-encoded examples; the input pipeline
+orders, shards, decodes and batches them. What a source provides:
+
+  num_examples, classes         its length and its label names
+  describe()                    a short name for messages ("<root>/train")
+  elements(pipe, epoch, offset) a tf.data.Dataset of (data, label, seed, pad)
+                                for this process, from step `offset` of the
+                                epoch, in the order the pipeline `pipe` asks
+  reader()                      None, or a tf function data -> encoded image
+                                bytes, run in the parallel decode map (file
+                                reads go here)
+  element_name(pipe, epoch, offset, index)   what a failed element was
+  subset(count, seed)           a fixed, seeded part of it (evaluation banks)
+  from_config(data, split)      build it from `config.data` (a DataConfig)
+
+`IndexedSource` implements all of it for anything with random access to its
+records (`records(positions)`): the pipeline's seeded permutation picks them.
+A new source is one class registered under its config name
+(`@registry.register("source", name)`), e.g. `data.source = "folder"`.
 
 Folder layout (what the PyTorch MAE/SBAM scripts read with ImageFolder):
 `{root}/{split}/<class>/<image>`; labels are the sorted class folder names,
@@ -16,26 +34,120 @@ from typing import Optional
 
 import numpy as np
 
+from sbam_jax import registry
+from sbam_jax.errors import DataError
+
+__all__ = ["DataError", "IndexedSource", "FolderSource", "TfdsSource", "SyntheticSource",
+           "folder_source", "tfds_source", "build_source"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+EPOCH_SEED_STRIDE = 1_000_003
 
 
-class DataError(ValueError):
-  """The data the config points to is missing or unusable; the message says
-  which path or dataset and what to do."""
+def epoch_seed(seed: int, epoch: int) -> int:
+  return seed * EPOCH_SEED_STRIDE + epoch
 
 
-@dataclasses.dataclass(frozen=True)
-class FolderSource:
-  """Encoded image files of one split, with integer labels."""
-  root: str
-  split: str
-  paths: np.ndarray          # (N,) str
-  labels: np.ndarray         # (N,) int32
-  classes: tuple[str, ...]
+def _utf8(value) -> bytes:
+  return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+
+
+def build_source(data, split: Optional[str] = None):
+  """The source `data.source` names, for `split` (default `data.split`)."""
+  cls = registry.lookup("source", data.source, where="data.source")
+  return cls.from_config(data, split or data.split)
+
+
+class IndexedSource:
+  """Random access to `num_examples` records (see the module docstring).
+  Subclasses set `num_examples` and `classes` and define `records`."""
+  num_examples: int
+  classes: tuple
+
+  def records(self, positions: np.ndarray):
+    """(data (M,) array of bytes, labels (M,) int32) of the given records."""
+    raise NotImplementedError
+
+  def describe(self) -> str:
+    return type(self).__name__
+
+  def reader(self):
+    return None
+
+  def elements(self, pipe, epoch: int, offset: int):
+    from sbam_jax.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
+    tf = import_tf()
+    pos = pipe.epoch_positions(epoch)[offset:].reshape(-1)
+    safe = np.maximum(pos, 0)
+    data, labels = self.records(safe)
+    # UTF-8 by hand: numpy's bytes conversion is ASCII-only (file names are not).
+    data = np.array([_utf8(d) if p >= 0 else b"" for d, p in zip(data, pos)], dtype=object)
+    labels = np.where(pos >= 0, labels, 0).astype(np.int32)
+    seeds = np.stack([np.full_like(pos, epoch_seed(pipe.seed, epoch)), safe], 1)
+    return tf.data.Dataset.from_tensor_slices((data, labels, seeds.astype(np.int64), pos < 0))
+
+  def element_name(self, pipe, epoch: int, offset: int, index: int) -> str:
+    position = pipe.epoch_positions(epoch)[offset:].reshape(-1)[index]
+    return self.name_of(int(position))
+
+  def name_of(self, position: int) -> str:
+    return f"{self.describe()} record {position}"
+
+  def subset(self, count: int, seed: int) -> "IndexedSource":
+    count = min(int(count), self.num_examples)
+    chosen = np.sort(np.random.default_rng(seed).permutation(self.num_examples)[:count])
+    return Subset(self, chosen)
+
+
+class Subset(IndexedSource):
+  """Records `indices` of another indexed source (a fixed evaluation subset)."""
+
+  def __init__(self, parent: IndexedSource, indices: np.ndarray):
+    self.parent, self.indices = parent, np.asarray(indices, np.int64)
+    self.num_examples, self.classes = len(self.indices), parent.classes
+
+  def records(self, positions):
+    return self.parent.records(self.indices[positions])
+
+  def reader(self):
+    return self.parent.reader()
+
+  def describe(self) -> str:
+    return f"{self.parent.describe()} ({self.num_examples} chosen)"
+
+  def name_of(self, position: int) -> str:
+    return self.parent.name_of(int(self.indices[position]))
 
   @property
-  def num_examples(self) -> int:
-    return len(self.paths)
+  def labels(self) -> np.ndarray:
+    return self.parent.records(self.indices)[1]
+
+
+@registry.register("source", "folder")
+class FolderSource(IndexedSource):
+  """Encoded image files of one split, with integer labels."""
+
+  def __init__(self, root: str, split: str, paths: np.ndarray, labels: np.ndarray,
+               classes: tuple):
+    self.root, self.split, self.paths = root, split, paths
+    self.labels, self.classes, self.num_examples = labels, classes, len(paths)
+
+  @classmethod
+  def from_config(cls, data, split: str) -> "FolderSource":
+    return folder_source(data.path, split)
+
+  def records(self, positions):
+    return self.paths[positions], self.labels[positions]
+
+  def reader(self):
+    from sbam_jax.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
+    return import_tf().io.read_file
+
+  def describe(self) -> str:
+    return f"{self.root}/{self.split}"
+
+  def name_of(self, position: int) -> str:
+    return str(self.paths[position])
 
 
 def folder_source(root: str, split: str) -> FolderSource:
@@ -65,9 +177,22 @@ def folder_source(root: str, split: str) -> FolderSource:
   return FolderSource(root, split, np.asarray(paths), np.asarray(labels, np.int32), classes)
 
 
+@registry.register("source", "demo")
+class DemoSource(FolderSource):
+  """The bundled photos in the folder layout (written once; see data/demo.py)."""
+
+  @classmethod
+  def from_config(cls, data, split: str) -> FolderSource:
+    from sbam_jax.data import demo  # pylint: disable=g-import-not-at-top
+    return folder_source(demo.write_demo_dataset(), split)
+
+
+@registry.register("source", "tfds")
 @dataclasses.dataclass(frozen=True)
 class TfdsSource:
-  """A prepared tensorflow-datasets image-classification split."""
+  """A prepared tensorflow-datasets image-classification split, read as a
+  stream: each process reads its part (`tfds.split_for_jax_process`), with
+  file order and a shuffle buffer seeded from (seed, epoch)."""
   name: str
   split: str
   data_dir: Optional[str]
@@ -75,6 +200,46 @@ class TfdsSource:
   classes: tuple[str, ...]
   image_key: str = "image"
   label_key: str = "label"
+
+  @classmethod
+  def from_config(cls, data, split: str) -> "TfdsSource":
+    return tfds_source(data.tfds_name, split, data.tfds_data_dir or None)
+
+  def describe(self) -> str:
+    return f"tfds {self.name}:{self.split}"
+
+  def reader(self):
+    return None
+
+  def subset(self, count: int, seed: int) -> "TfdsSource":
+    """The first `count` examples of the split (tfds slicing; fixed, not shuffled)."""
+    del seed
+    count = min(int(count), self.num_examples)
+    return dataclasses.replace(self, split=f"{self.split}[:{count}]", num_examples=count)
+
+  def elements(self, pipe, epoch: int, offset: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from sbam_jax.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
+    tf = import_tf()
+    split = tfds.split_for_jax_process(self.split, process_index=pipe.process_index,
+                                       process_count=pipe.process_count)
+    seed = epoch_seed(pipe.seed, epoch)
+    ds = tfds.load(self.name, split=split, data_dir=self.data_dir, shuffle_files=pipe.train,
+                   read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+                   decoders={self.image_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: (ex[self.image_key], tf.cast(ex[self.label_key], tf.int32), False))
+    if pipe.train:
+      ds = ds.shuffle(pipe.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    # Evaluation: shards differ by at most one image; pad every process to the same length.
+    pad = tf.data.Dataset.from_tensors((tf.constant(b""), 0, True)).repeat()
+    ds = ds.concatenate(pad).take(pipe.steps_per_epoch * pipe.local_batch)
+    ds = ds.enumerate().skip(offset * pipe.local_batch)
+    return ds.map(lambda i, ex: (ex[0], ex[1], tf.stack([tf.constant(seed, tf.int64), i]),
+                                 ex[2]))
+
+  def element_name(self, pipe, epoch: int, offset: int, index: int) -> str:
+    return (f"{self.describe()} element {offset * pipe.local_batch + index} of epoch {epoch} "
+            f"(process {pipe.process_index})")
 
 
 def tfds_source(name: str, split: str, data_dir: Optional[str] = None) -> TfdsSource:
@@ -91,7 +256,7 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None) -> TfdsSo
         f"tfds dataset {name!r} is not prepared in data_dir {builder.data_dir!r}. Prepare it "
         f"first (for ImageNet: put ILSVRC2012_img_{{train,val}}.tar in "
         f"<data_dir>/downloads/manual and run `tfds build {name} --data_dir <data_dir>`), "
-        f"or set config.data.data_dir to where it is prepared")
+        f"or set config.data.tfds_data_dir to where it is prepared")
   try:
     num = builder.info.splits[split].num_examples
   except KeyError:

@@ -50,6 +50,14 @@ class Encoder(nnx.Module):
     These are the tokens SBAM computes salience from."""
     return self.patch_embed(imgs) + self.pos_embed[...][:, 1:]
 
+  def pooled_features(self, imgs: jax.Array) -> dict:
+    """All patches encoded, nothing masked: {'cls': the cls token after the
+    final norm (what MAE's linear probe reads), 'mean': the mean of the patch
+    tokens out of the blocks (MAE's global pool)}, each (N, D)."""
+    x = self.blocks(self.with_cls(self.embed_patches(imgs)))
+    cls = (self.norm(x) if self.norm is not None else x)[:, 0]
+    return {"cls": cls.astype(jnp.float32), "mean": x[:, 1:].mean(axis=1).astype(jnp.float32)}
+
   def with_cls(self, x: jax.Array) -> jax.Array:
     cls = self.cls_token[...] + self.pos_embed[...][:, :1]
     return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)

@@ -1,4 +1,5 @@
-"""Fine-tuning and linear probing of a pre-trained encoder, and evaluation.
+"""Fine-tuning and linear probing of a pre-trained encoder: the tasks
+`finetune` and `linprobe`.
 
 fine-tune (MAE main_finetune): the whole ViT trains; AdamW with layer-wise lr
   decay, drop-path, label smoothing, mixup / cutmix and random erasing on the
@@ -6,9 +7,9 @@ fine-tune (MAE main_finetune): the whole ViT trains; AdamW with layer-wise lr
 linprobe (MAE main_linprobe): the encoder is frozen (it lives in the state's
   `fixed` tree: no gradient, no weight decay, no update, bit-identical);
   BatchNorm1d(affine=False) + Linear on the cls feature, trained with LARS.
-evaluation: top-1 / top-5 / cross-entropy over the whole split, exact (the
-  last batch is padded and padding masked), every `eval_every` epochs, at
-  the end, and alone with `eval_only`.
+evaluation: the evaluators listed in `config.evals` (by default the
+  `classification` evaluator on the eval split: sbam_jax/evals/), every
+  `eval_every` epochs, at the end, and alone with `eval_only`.
 
 Starting weights (`init_from`): a converted checkpoint (pretrain, encoder or
 finetuned) or a training workdir of this project; the encoder is taken, its
@@ -18,25 +19,26 @@ reference does. `eval_only` needs a classifier (finetuned / linprobe).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sbam_jax import checkpoints as param_ckpt
-from sbam_jax import config as cfg_lib
-from sbam_jax import optim
+from sbam_jax import config as config_lib
+from sbam_jax import optim, registry
 from sbam_jax.data import device as device_ops
 from sbam_jax.data import mixup as mixup_lib
+from sbam_jax.errors import ConfigError
 from sbam_jax.models import VisionTransformer
 from sbam_jax.models.pos_embed import resample_pos_embed
-from sbam_jax.train import schedule, sharding
-from sbam_jax.train.loop import Job, make_source
-from sbam_jax.train.pretrain import model_card, take, tower_flops
-from sbam_jax.train.step import TrainState, make_train_step
+from sbam_jax.train import flops
+from sbam_jax.train.step import TrainState
+from sbam_jax.train.task import Task
+from sbam_jax.train.weights import model_card, take
 
 TASKS = ("finetune", "linprobe")
 CLASSIFIER_KINDS = ("finetuned", "linprobe")
@@ -65,7 +67,7 @@ def _check_arch(card: dict, model_cfg, path: str) -> None:
   bad = [f"{f}: checkpoint {theirs[f]} vs config {getattr(model_cfg, f)}" for f in _ARCH_FIELDS
          if f in theirs and theirs[f] != getattr(model_cfg, f)]
   if bad:
-    raise cfg_lib.ConfigError(f"init_from {path!r} does not match config.model ("
+    raise ConfigError(f"init_from {path!r} does not match config.model ("
                               + "; ".join(bad) + "): pick the matching model size")
 
 
@@ -80,12 +82,12 @@ def starting_weights(config, model_cfg, full: dict) -> tuple[dict, list[str]]:
   try:
     loaded, card = param_ckpt.load_weights(path)
   except (FileNotFoundError, ValueError) as e:
-    raise cfg_lib.ConfigError(f"init_from: {e}") from None
+    raise ConfigError(f"init_from: {e}") from None
   _check_arch(card, model_cfg, path)
   notes = [f"init_from {path} ({card['kind']})"]
   if config.eval_only:
     if card["kind"] not in CLASSIFIER_KINDS:
-      raise cfg_lib.ConfigError(f"eval_only needs a fine-tuned or probed classifier; "
+      raise ConfigError(f"eval_only needs a fine-tuned or probed classifier; "
                                 f"init_from {path!r} holds a {card['kind']} checkpoint")
     wanted = full
   else:
@@ -100,7 +102,7 @@ def starting_weights(config, model_cfg, full: dict) -> tuple[dict, list[str]]:
     enc["pos_embed"] = resample_pos_embed(enc["pos_embed"], grid)
     notes.append(f"position table resampled to {grid}x{grid}")
   if "norm" in full["encoder"] and "norm" not in enc:
-    raise cfg_lib.ConfigError(f"init_from {path!r} has no final encoder `norm` (a global-pool "
+    raise ConfigError(f"init_from {path!r} has no final encoder `norm` (a global-pool "
                               f"classifier?), which cls-token pooling needs; set "
                               f"global_pool=True or start from a pre-train checkpoint")
   got = take(loaded, wanted, f"init_from {path!r}")
@@ -160,176 +162,215 @@ def probe_loss(graphdef, image_size: int):
   return loss_fn
 
 
-def make_eval_step(graphdef, num_classes: int):
-  """Sums over the valid examples of a batch: loss, top-1 / top-5 hits, count."""
-  k = min(5, num_classes)
+# ---- the tasks ----------------------------------------------------------------
 
-  def eval_step(params, stats, fixed, batch):
-    model = nnx.merge(graphdef, params, stats, fixed)
-    logits = model(device_ops.normalize(batch["image"]), train=False)
-    labels, valid = batch["label"], batch["valid"]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
-    top = jax.lax.top_k(logits, k)[1]
-    hit1 = (top[:, 0] == labels) & valid
-    hit5 = (top == labels[:, None]).any(axis=1) & valid
-    return {"loss_sum": jnp.where(valid, nll, 0.0).sum(), "top1": hit1.sum(),
-            "top5": hit5.sum(), "count": valid.sum()}
+@dataclasses.dataclass(frozen=True)
+class MixupConfig:
+  mixup_alpha: float = 0.8
+  cutmix_alpha: float = 1.0
+  prob: float = 1.0
+  switch_prob: float = 0.5
 
-  return eval_step
+  @property
+  def active(self) -> bool:
+    return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
-def evaluation(config, model_cfg, graphdef, num_classes, mesh, source):
-  """state -> {'top1', 'top5' (percent), 'loss', 'count', 'skipped'} over the split."""
-  from sbam_jax.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
-  size = model_cfg.img_size
-  # MAE's eval resize: crop_pct 224/256 up to 224 px, the image size itself above.
-  resize = int(size / (224 / 256)) if size <= 224 else size
-  step = jax.jit(make_eval_step(graphdef, num_classes), out_shardings=NamedSharding(mesh, P()))
-  transform = transforms.make_transform("eval", size, resize=resize)
-
-  def evaluate(state) -> dict:
-    data = pipeline.InputPipeline(
-        source, transform,
-        global_batch=config.eval_batch_size, image_size=size, train=False,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        threads=config.data.threads or None)
-    totals = None
-    for batch in data:
-      gb = {k: sharding.global_batch(mesh, batch[k]) for k in ("image", "label", "valid")}
-      out = step(state.params, state.stats, state.fixed, gb)
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    t = jax.device_get(totals)
-    n = int(t["count"])
-    return {"top1": 100.0 * int(t["top1"]) / max(n, 1), "top5": 100.0 * int(t["top5"]) / max(n, 1),
-            "loss": float(t["loss_sum"]) / max(n, 1), "count": n, "skipped": data.skipped}
-
-  return evaluate
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig(config_lib.TrainConfig):
+  """MAE's main_finetune recipe for ViT-B (configs/finetune.py sets the other
+  sizes; configs/linprobe.py the probe's)."""
+  task: str = "finetune"
+  num_classes: int = 0          # 0 = the number of classes in the data
+  global_pool: bool = True      # mean of patch tokens + fc_norm; False = cls token + norm
+  drop_path: float = 0.1
+  eval_only: bool = False       # evaluate init_from (or the workdir's checkpoint) and exit
+  batch_size: int = 1024
+  eval_batch_size: int = 1024
+  epochs: int = 100
+  warmup_epochs: int = 5
+  blr: float = 5e-4
+  min_lr: float = 1e-6
+  b2: float = 0.999
+  layer_decay: float = 0.65
+  smoothing: float = 0.1
+  mixup: MixupConfig = MixupConfig()
+  rand_augment: str = "rand-m9-mstd0.5-inc1"   # '' = off
+  reprob: float = 0.25          # random erasing probability
+  eval_every: int = 1           # epochs, for evaluators that set no `every` of their own
+  evals: dict = dataclasses.field(default_factory=lambda: {"val": {"type": "classification"}})
 
 
-# ---- the job ------------------------------------------------------------------
+def check_classify(cfg: ClassifyConfig, *, num_devices: int, num_processes: int) -> None:
+  """What fine-tuning and probing need beyond TrainConfig.check."""
+  micro = cfg.batch_size // cfg.accum_steps
+  if cfg.eval_batch_size < 1 or cfg.eval_batch_size % num_devices \
+      or cfg.eval_batch_size % num_processes:
+    raise ConfigError(f"eval_batch_size {cfg.eval_batch_size} must split over {num_devices} "
+                      f"devices (and {num_processes} processes)")
+  ranges = {"drop_path": (cfg.drop_path, 0, 1, "[0, 1)"), "smoothing": (cfg.smoothing, 0, 1, "[0, 1)")}
+  for key, (value, lo, hi, text) in ranges.items():
+    if not lo <= value < hi:
+      raise ConfigError(f"{key} must be in {text}, got {value}")
+  if not 0 < cfg.layer_decay <= 1:
+    raise ConfigError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
+  if not 0 <= cfg.reprob <= 1:
+    raise ConfigError(f"reprob must be in [0, 1], got {cfg.reprob}")
+  mix = cfg.mixup
+  if not (0 <= mix.prob <= 1 and 0 <= mix.switch_prob <= 1):
+    raise ConfigError(f"mixup.prob and mixup.switch_prob must be in [0, 1], got "
+                      f"{mix.prob}, {mix.switch_prob}")
+  if mix.active and (micro // num_devices) % 2:
+    raise ConfigError(f"mixup pairs each device's batch with its reverse: the per-device "
+                      f"micro-batch {micro // num_devices} must be even")
+  if cfg.eval_every < 1:
+    raise ConfigError(f"eval_every must be >= 1 (epochs), got {cfg.eval_every}")
+  if cfg.num_classes < 0:
+    raise ConfigError(f"num_classes must be >= 0 (0 = from the data), got {cfg.num_classes}")
 
-def _optimizer(config, params, model_cfg, lr_fn):
-  """(optax transform, `optim.parameter_rules` of what it does per tensor)."""
-  if config.task == "linprobe":
-    tx = optim.lars(lr_fn, weight_decay=config.weight_decay)
-    decays = jax.tree.map(lambda m: m and bool(config.weight_decay), optim.matrices(params))
-    return tx, optim.parameter_rules(params, decays)
-  mask = optim.finetune_decay_mask(params)
-  scales = optim.layer_decay_scales(params, model_cfg.depth, config.layer_decay)
-  tx = optim.finetune_adamw(lr_fn, b1=config.b1, b2=config.b2,
-                            weight_decay=config.weight_decay, decay_mask=mask, scales=scales)
-  return tx, optim.parameter_rules(params, mask, scales)
 
+@registry.register("task", "finetune")
+class FinetuneTask(Task):
+  """Fine-tuning (MAE main_finetune): the whole ViT trains."""
+  Config = ClassifyConfig
+  kind = "finetuned"
 
-def make_job(config, workdir: str) -> Job:
-  n_dev, n_proc, proc = jax.device_count(), jax.process_count(), jax.process_index()
-  model_cfg = cfg_lib.check_classify(config, num_devices=n_dev, num_processes=n_proc)
-  eval_split = config.data.eval_split or ("validation" if config.data.source == "tfds" else "val")
-  eval_source = make_source(config.data, eval_split)
-  source = eval_source if config.eval_only else make_source(config.data)
-  num_classes = int(config.num_classes) or len(source.classes)
-  if source.classes and num_classes != len(source.classes):
-    raise cfg_lib.ConfigError(f"num_classes={num_classes} but the data has "
-                              f"{len(source.classes)} classes")
-  if tuple(eval_source.classes) != tuple(source.classes):
-    raise cfg_lib.ConfigError(f"the {config.data.split!r} and {eval_split!r} splits "
-                              f"have different class lists")
-  if config.eval_only and not config.init_from and not glob.glob(
-      os.path.join(workdir, "checkpoints", "[0-9]*")):
-    raise cfg_lib.ConfigError("eval_only needs init_from (a classifier checkpoint) or a "
-                              "workdir that already holds checkpoints")
-  steps_per_epoch = max(source.num_examples // config.batch_size, 1)
-  if not config.eval_only and source.num_examples < config.batch_size:
-    raise cfg_lib.ConfigError(f"{source.num_examples} images is less than one batch of "
-                              f"{config.batch_size}")
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  lr = schedule.peak_lr(config.blr, config.batch_size)
-  lr_fn = lambda s: schedule.mae_lr(s, lr=lr, min_lr=config.min_lr,
-                                    warmup_epochs=config.warmup_epochs, epochs=config.epochs,
-                                    steps_per_epoch=steps_per_epoch)
-  abstract = nnx.eval_shape(lambda: build_model(config, model_cfg, num_classes))
-  graphdef, abstract_params, _, _ = split_model(abstract, config.task)
-  tx, rules = _optimizer(config, abstract_params, model_cfg, lr_fn)
-  if proc == 0 and not config.eval_only:
-    param_ckpt.write_text(os.path.join(workdir, "param_groups.txt"),
-                          "\n".join(optim.param_table(rules)) + "\n")
-    print(_rules_summary(config, rules, workdir), flush=True)
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    cfg = self.config
+    check_classify(cfg, num_devices=self.num_devices, num_processes=self.num_processes)
+    self.check_task()
+    self.eval_only = cfg.eval_only
+    self.eval_split = cfg.data.eval_split_name()
+    self._setup_data()
+    abstract = nnx.eval_shape(lambda: build_model(cfg, self.model_cfg, self.num_classes))
+    self.graphdef, abstract_params, _, _ = split_model(abstract, cfg.task)
+    mask, scales = self.decay_rules(abstract_params)
+    self.tx = self.make_optimizer(mask, scales)
+    if self.process == 0 and not self.eval_only:
+      rules = optim.parameter_rules(abstract_params, self.table_mask(mask), scales)
+      param_ckpt.write_text(os.path.join(workdir, "param_groups.txt"),
+                            "\n".join(optim.param_table(rules)) + "\n")
+      print(_rules_summary(cfg.task, rules, workdir), flush=True)
+    self.flops_per_image = flops.encoder(self.model_cfg, backward=cfg.task == "finetune")
 
-  def init_state(load: bool):
-    model = build_model(config, model_cfg, num_classes, seed=config.seed)
+  def check_task(self) -> None:
+    """Recipe-specific checks (the probe forbids regularisation)."""
+
+  def _setup_data(self) -> None:
+    cfg = self.config
+    eval_source = self.source(self.eval_split)
+    source = eval_source if cfg.eval_only else self.source()
+    self.classes = tuple(source.classes)
+    self.num_classes = cfg.num_classes or len(self.classes)
+    if self.classes and self.num_classes != len(self.classes):
+      raise ConfigError(f"num_classes={self.num_classes} but the data has "
+                        f"{len(self.classes)} classes")
+    if tuple(eval_source.classes) != self.classes:
+      raise ConfigError(f"the {cfg.data.split!r} and {self.eval_split!r} splits "
+                        f"have different class lists")
+    if cfg.eval_only and not cfg.init_from and not glob.glob(
+        os.path.join(self.workdir, "checkpoints", "[0-9]*")):
+      raise ConfigError("eval_only needs init_from (a classifier checkpoint) or a "
+                        "workdir that already holds checkpoints")
+    if cfg.eval_only:
+      self.steps_per_epoch = max(source.num_examples // cfg.batch_size, 1)
+    else:
+      self.set_epoch_length(source.num_examples)
+
+  def decay_rules(self, params):
+    """(weight-decay mask, lr scales): MAE's param_groups_lrd."""
+    return (optim.finetune_decay_mask(params),
+            optim.layer_decay_scales(params, self.model_cfg.depth, self.config.layer_decay))
+
+  def table_mask(self, mask):
+    return mask
+
+  @property
+  def card(self) -> dict:
+    return model_card(self.kind, self.model_cfg, num_classes=self.num_classes,
+                      global_pool=bool(self.config.global_pool), classes=list(self.classes))
+
+  def summary(self) -> str:
+    return (f"{self.config.task} of a {self.model_cfg.embed_dim}-wide ViT on "
+            f"{self.num_classes} classes, lr {self.peak_lr:.3g}")
+
+  def transform(self):
+    from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    return transforms.make_transform("finetune", self.image_size,
+                                     rand_augment=self.config.rand_augment)
+
+  def batch_keys(self) -> tuple:
+    return (*self.transform().spec, "label")
+
+  def loss(self):
+    cfg = self.config
+    mix = dataclasses.asdict(cfg.mixup) if cfg.mixup.active else None
+    return finetune_loss(self.graphdef, num_classes=self.num_classes, shards=self.num_devices,
+                         smoothing=cfg.smoothing, reprob=cfg.reprob, mix=mix)
+
+  def init_state(self, load: bool) -> TrainState:
+    cfg = self.config
+    model = build_model(cfg, self.model_cfg, self.num_classes, seed=cfg.seed)
     full = nnx.to_pure_dict(nnx.state(model))
-    if config.init_from and load:
-      full, notes = starting_weights(config, model_cfg, full)
-      if proc == 0:
+    if cfg.init_from and load:
+      full, notes = starting_weights(cfg, self.model_cfg, full)
+      if self.process == 0:
         print("; ".join(notes), flush=True)
       param_ckpt.load_into(model, full)
-    _, params, stats, fixed = split_model(model, config.task)
+    _, params, stats, fixed = split_model(model, cfg.task)
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params, fixed=fixed,
-                      opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed), stats=stats)
+                      opt_state=self.tx.init(params), rng=jax.random.PRNGKey(cfg.seed),
+                      stats=stats)
 
-  mix = None
-  if cfg_lib.mixup_active(config.mixup):
-    mix = {k: float(v) for k, v in config.mixup.items()}
-  if config.task == "finetune":
-    loss_fn = finetune_loss(graphdef, num_classes=num_classes, shards=n_dev,
-                            smoothing=config.smoothing, reprob=config.reprob, mix=mix)
-  else:
-    loss_fn = probe_loss(graphdef, model_cfg.img_size)
+  def _model(self, state):
+    return nnx.merge(self.graphdef, state.params, state.stats, state.fixed)
 
-  from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  if config.task == "finetune":
-    transform = transforms.make_transform("finetune", model_cfg.img_size,
-                                          rand_augment=config.rand_augment)
-  else:  # RandomResizedCrop with torchvision's default scale, + flip; the probe can
-    # leave the resize to the device (the fine-tune cannot: RandAugment needs it here)
-    transform = transforms.make_transform(
-        "pretrain_crop" if config.data.device_resize else "pretrain", model_cfg.img_size,
-        scale=(0.08, 1.0))
-  keys = (*transform.spec, "label")
+  def logits_fn(self):
+    return lambda state, images: self._model(state)(images, train=False)
 
-  def build_step(state_sh):
-    bsh = sharding.batch_sharding(mesh)
-    fn = jax.jit(make_train_step(loss_fn, tx, accum_steps=config.accum_steps),
-                 in_shardings=(state_sh, {k: bsh for k in keys}),
-                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
-    return lambda state, batch: fn(state, {k: sharding.global_batch(mesh, batch[k])
-                                           for k in keys})
-
-  def make_data(start):
-    from sbam_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.InputPipeline(
-        source, transform, global_batch=config.batch_size, image_size=model_cfg.img_size,
-        seed=config.seed, process_index=proc, process_count=n_proc, start_step=start,
-        num_epochs=config.epochs, threads=config.data.threads or None)
-
-  kind = "linprobe" if config.task == "linprobe" else "finetuned"
-  return Job(
-      mesh=mesh, card=model_card(kind, model_cfg, num_classes=num_classes,
-                                 global_pool=bool(config.global_pool),
-                                 classes=list(source.classes)),
-      init_state=init_state, build_step=build_step, make_data=make_data,
-      steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.epochs,
-      batch_size=config.batch_size, lr_fn=lr_fn,
-      summary=(f"{config.task} of a {model_cfg.embed_dim}-wide ViT on {num_classes} classes, "
-               f"lr {lr:.3g}"),
-      flops_per_image=_flops_per_image(config.task, model_cfg),
-      evaluate=evaluation(config, model_cfg, graphdef, num_classes, mesh, eval_source),
-      eval_every_epochs=int(config.eval_every))
+  def features_fn(self):
+    return lambda state, images: {"pooled": self._model(state).features(images)}
 
 
-def _flops_per_image(task: str, cfg) -> float:
-  """Training FLOPs per image: 3x the encoder's forward (fine-tune) or 1x (the
-  probe's frozen encoder needs no backward)."""
-  fwd = (2 * cfg.num_patches * cfg.patch_dim * cfg.embed_dim
-         + tower_flops(1 + cfg.num_patches, cfg.embed_dim, cfg.depth, cfg.mlp_ratio))
-  return (3.0 if task == "finetune" else 1.0) * fwd
+@registry.register("task", "linprobe")
+class LinprobeTask(FinetuneTask):
+  """Linear probing (MAE main_linprobe): frozen encoder, BatchNorm + Linear, LARS."""
+  kind = "linprobe"
+  recipe_optimizer = "lars"
+
+  def check_task(self) -> None:
+    cfg = self.config
+    used = [k for k in ("drop_path", "smoothing", "reprob", "rand_augment") if getattr(cfg, k)]
+    if cfg.mixup.active:
+      used.append("mixup")
+    if used:
+      raise ConfigError(f"linear probing (MAE main_linprobe) trains on plain crops + flips, "
+                        f"no regularisation; unset: {', '.join(used)}")
+
+  def decay_rules(self, params):
+    """LARS decays matrices only (its own rule); no layer-wise scales."""
+    return optim.matrices(params), None
+
+  def table_mask(self, mask):
+    return jax.tree.map(lambda m: m and bool(self.config.weight_decay), mask)
+
+  def transform(self):
+    """RandomResizedCrop with torchvision's default scale, + flip; the resize
+    may run on the device (the fine-tune's cannot: RandAugment needs it here)."""
+    from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    kind = "pretrain_crop" if self.config.data.device_resize else "pretrain"
+    return transforms.make_transform(kind, self.image_size, scale=(0.08, 1.0))
+
+  def loss(self):
+    return probe_loss(self.graphdef, self.image_size)
 
 
-def _rules_summary(config, rules: dict, workdir: str) -> str:
+def _rules_summary(task: str, rules: dict, workdir: str) -> str:
   no_decay = [name for name, (_, decay, _) in rules.items() if not decay]
   text = [f"{len(rules)} trainable tensors; no weight decay on {len(no_decay)}: "
           f"{', '.join(no_decay[:6])}{' ...' if len(no_decay) > 6 else ''}"]
-  if config.task == "finetune":
+  if task == "finetune":
     scales = {}
     for name, (_, _, s) in rules.items():
       group = name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks.") else "")
@@ -337,4 +378,3 @@ def _rules_summary(config, rules: dict, workdir: str) -> str:
     text.append("layer-wise lr scales: " + ", ".join(f"{g} {s:.4g}" for g, s in scales.items()))
   text.append(f"full table: {os.path.join(workdir, 'param_groups.txt')}")
   return "\n".join(text)
-

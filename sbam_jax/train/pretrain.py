@@ -1,8 +1,11 @@
-"""The pre-training task (MAE / SBM / SBAM): config -> Job for the generic loop.
+"""The pre-training task (MAE / SBM / SBAM).
 
-Encoder capacity: 'max' compiles one step for the largest keep length the
-masking spec allows; 'bucketed' reads the batch's largest AMR keep length
-(one scalar a step) and runs the smallest compiled bucket that holds it.
+Masking is chosen per step: random masking during the first `random_epochs`
+(SBAM's warm-up), then `config.masking`, switched with `lax.cond` so only the
+branch in force runs. Encoder capacity: 'max' compiles one step for the
+largest keep length the masking spec allows; 'bucketed' reads the batch's
+largest AMR keep length (one scalar a step) and runs the smallest compiled
+bucket that holds it.
 """
 
 from __future__ import annotations
@@ -12,209 +15,214 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sbam_jax import checkpoints as param_ckpt
-from sbam_jax import config as cfg_lib
-from sbam_jax import masking, optim
+from sbam_jax import config as config_lib
+from sbam_jax import masking, optim, registry, sharding
+from sbam_jax.data import device as device_ops
+from sbam_jax.errors import ConfigError
 from sbam_jax.models import MaskedAutoencoder
-from sbam_jax.train import figures, schedule, sharding
-from sbam_jax.train.loop import Job, make_source
-from sbam_jax.train.step import TrainState, make_optimizer, make_train_step, pretrain_loss
+from sbam_jax.train import figures, flops
+from sbam_jax.train.step import TrainState, make_train_step
+from sbam_jax.train.task import Task
+from sbam_jax.train.weights import model_card, take
+
+STAT_KEYS = ("mask_ratio_mean", "mask_ratio_min", "mask_ratio_max", "frac_above_delta",
+             "salience_entropy")
 
 
-def tower_flops(tokens: int, d: int, depth: int, ratio: float) -> float:
-  """Forward FLOPs of `depth` transformer blocks: matmuls and attention."""
-  return depth * (2 * tokens * (4 * d * d + 2 * ratio * d * d) + 4 * tokens * tokens * d)
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig(config_lib.TrainConfig):
+  """MAE's main_pretrain recipe (ViT-L, 400 epochs, global batch 4096 = 256 per
+  device x 8 devices x accumulation 2) plus the masking method."""
+  task: str = "pretrain"
+  masking: config_lib.MaskingConfig = config_lib.MaskingConfig()
+  random_epochs: int = 100      # random masking first (SBAM's warm-up); 0 = `masking` from the start
+  accum_steps: int = 2
+  figure_every: int = 10000     # steps between reconstruction figures
+  figure_images: int = 4
 
 
-def flops_per_image(cfg, keep: int) -> float:
-  """Training FLOPs per image (3x forward): matmuls and attention of encoder
-  (1 + keep tokens) and decoder (1 + L tokens), patch embed and prediction."""
-  tower = tower_flops
-  L, D, dd = cfg.num_patches, cfg.embed_dim, cfg.decoder_embed_dim
-  fwd = (2 * L * cfg.patch_dim * D + tower(1 + keep, D, cfg.depth, cfg.mlp_ratio)
-         + 2 * (1 + keep) * D * dd + tower(1 + L, dd, cfg.decoder_depth, cfg.mlp_ratio)
-         + 2 * (1 + L) * dd * cfg.patch_dim)
-  return 3.0 * fwd
+def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.MaskingSpec,
+                  random_steps: int, capacity: int, warmup_capacity: int, image_size: int):
+  """MAE loss of a batch {'image': uint8} (or host crops + 'size', resized
+  here to `image_size`); steps below `random_steps` use `warmup_spec`
+  (random masking), the rest `spec`. Salience diagnostics are NaN under
+  random masking."""
+
+  def run(params, fixed, imgs, key, s, c):
+    out = nnx.merge(graphdef, params, fixed)(imgs, key, s, capacity=c)
+    diag = masking.masking_stats(out.plan, out.salience, s.delta)
+    return out.loss, {k: diag.get(k, jnp.float32(jnp.nan)) for k in STAT_KEYS}
+
+  def loss_fn(params, fixed, stats, batch, key, step):
+    imgs = device_ops.normalize(device_ops.pixels(batch, image_size), jnp.float32)
+    branch = lambda s, c: (lambda _: run(params, fixed, imgs, key, s, c))
+    if random_steps <= 0:
+      loss, diag = branch(spec, capacity)(None)
+    else:
+      loss, diag = jax.lax.cond(step < random_steps, branch(warmup_spec, warmup_capacity),
+                                branch(spec, capacity), None)
+    return loss, (diag, stats)
+
+  return loss_fn
 
 
-def model_card(kind: str, cfg, **more) -> dict:
-  return {"kind": kind, "model": dataclasses.asdict(cfg), **more}
+@registry.register("task", "pretrain")
+class PretrainTask(Task):
+  Config = PretrainConfig
+  kind = "pretrain"
 
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    cfg = self.config
+    self.spec = config_lib.build_masking_spec(cfg.masking, global_batch=self.micro_batch,
+                                              num_devices=self.num_devices)
+    if not 0 <= cfg.random_epochs < cfg.epochs:
+      raise ConfigError(f"need 0 <= random_epochs ({cfg.random_epochs}) < epochs ({cfg.epochs})")
+    if cfg.figure_every < 1:
+      raise ConfigError(f"figure_every must be >= 1, got {cfg.figure_every}")
+    L = self.model_cfg.num_patches
+    self.warm_spec = masking.MaskingSpec("random", mask_ratio=self.spec.mask_ratio)
+    self.capacity = masking.max_capacity(self.spec, L)
+    self.warm_capacity = masking.max_capacity(self.warm_spec, L)
+    self.bucketed = cfg.masking.capacity == "bucketed" and self.spec.adaptive
+    self.buckets = (masking.capacity_buckets(self.spec, L, cfg.masking.num_buckets)
+                    if self.bucketed else (self.capacity,))
+    self.set_epoch_length(self.source().num_examples)  # bad paths fail here, before compiling
+    self.random_steps = self.steps_per_epoch * cfg.random_epochs
+    abstract = nnx.eval_shape(lambda: MaskedAutoencoder(self.model_cfg, rngs=nnx.Rngs(0)))
+    self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+    self.tx = self.make_optimizer(optim.reference_decay_mask(nnx.to_pure_dict(abstract_params)))
+    self.flops_per_image = flops.mae(self.model_cfg, (self.capacity + self.warm_capacity) // 2)
+    self._step_fns: dict = {}
+    self._figure_batch = None
 
-def _initial_state(config, model_cfg, tx, steps_per_epoch, load: bool = True):
-  """Fresh parameters, or a converted checkpoint (`init_from`) with its AdamW
-  state and epoch: training continues at (epoch + 1) * steps_per_epoch."""
-  model = MaskedAutoencoder(model_cfg, rngs=nnx.Rngs(config.seed))
-  _, params, fixed = nnx.split(model, nnx.Param, ...)
-  params, fixed = nnx.to_pure_dict(params), nnx.to_pure_dict(fixed)
-  step, opt_state = 0, None
-  if config.init_from and load:
-    try:
-      loaded, card = param_ckpt.load_weights(config.init_from)
-    except FileNotFoundError as e:
-      raise cfg_lib.ConfigError(f"init_from: {e}") from None
-    if card["kind"] != "pretrain":
-      raise cfg_lib.ConfigError(f"init_from {config.init_from!r} holds a {card['kind']} "
-                                f"checkpoint; pre-training needs a full pre-train model")
-    params, fixed = take(loaded, params, "init_from"), take(loaded, fixed, "init_from")
-    if "adamw" in card.get("extra", []):
-      m = param_ckpt.load_extra(config.init_from, "adamw")
-      opt_state = optim.adamw_state(tx, params, m["mu"], m["nu"], int(m["count"]))
-    if "epoch" in card:
-      step = (int(card["epoch"]) + 1) * steps_per_epoch
-  if opt_state is None:
-    opt_state = tx.init(params)
-  return TrainState(step=jnp.asarray(step, jnp.int32), params=params, fixed=fixed,
-                    opt_state=opt_state, rng=jax.random.PRNGKey(config.seed))
+  @property
+  def card(self) -> dict:
+    return model_card(self.kind, self.model_cfg)
 
+  def summary(self) -> str:
+    s = self.spec
+    return (f"pre-training a {self.model_cfg.embed_dim}-wide ViT, lr {self.peak_lr:.3g}, masking "
+            f"{s.method} (v={s.ratio_var}, group={s.group_size}), random masking until step "
+            f"{self.random_steps}")
 
-def take(loaded: dict, like: dict, what: str, path: str = "") -> dict:
-  """The entries of `loaded` that the tree `like` has, names and shapes checked."""
-  if isinstance(like, dict):
-    if not isinstance(loaded, dict):
-      raise cfg_lib.ConfigError(f"{what}: {path or 'root'} is an array, the model has a subtree")
-    missing = sorted(set(like) - set(loaded))
-    if missing:
-      raise cfg_lib.ConfigError(f"{what} lacks {', '.join(f'{path}{k}' for k in missing)}")
-    return {k: take(loaded[k], v, what, f"{path}{k}/") for k, v in like.items()}
-  if tuple(np.shape(loaded)) != tuple(np.shape(like)):
-    raise cfg_lib.ConfigError(f"{what}: {path.rstrip('/')} has shape {np.shape(loaded)}, "
-                              f"the model needs {np.shape(like)}")
-  return np.asarray(loaded, np.float32)
+  def transform(self):
+    from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    kind = "pretrain_crop" if self.config.data.device_resize else "pretrain"
+    return transforms.make_transform(kind, self.image_size)
 
+  def init_state(self, load: bool) -> TrainState:
+    """Fresh parameters, or a converted checkpoint (`init_from`) with its AdamW
+    state and epoch: training continues at (epoch + 1) * steps_per_epoch."""
+    cfg = self.config
+    model = MaskedAutoencoder(self.model_cfg, rngs=nnx.Rngs(cfg.seed))
+    _, params, fixed = nnx.split(model, nnx.Param, ...)
+    params, fixed = nnx.to_pure_dict(params), nnx.to_pure_dict(fixed)
+    step, opt_state = 0, self.tx.init(params)
+    if cfg.init_from and load:
+      try:
+        loaded, card = param_ckpt.load_weights(cfg.init_from)
+      except FileNotFoundError as e:
+        raise ConfigError(f"init_from: {e}") from None
+      if card["kind"] != "pretrain":
+        raise ConfigError(f"init_from {cfg.init_from!r} holds a {card['kind']} checkpoint; "
+                          f"pre-training needs a full pre-train model")
+      params, fixed = take(loaded, params, "init_from"), take(loaded, fixed, "init_from")
+      opt_state = self.tx.init(params)
+      if "adamw" in card.get("extra", []):
+        m = param_ckpt.load_extra(cfg.init_from, "adamw")
+        opt_state = optim.adamw_state(self.tx, params, m["mu"], m["nu"], int(m["count"]))
+      if "epoch" in card:
+        step = (int(card["epoch"]) + 1) * self.steps_per_epoch
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, fixed=fixed,
+                      opt_state=opt_state, rng=jax.random.PRNGKey(cfg.seed))
 
-def make_job(config, workdir: str) -> Job:
-  n_dev, n_proc, proc = jax.device_count(), jax.process_count(), jax.process_index()
-  model_cfg, spec, _ = cfg_lib.check_pretrain(config, num_devices=n_dev, num_processes=n_proc)
-  warm_spec = masking.MaskingSpec("random", mask_ratio=spec.mask_ratio)
-  L = model_cfg.num_patches
-  capacity = masking.max_capacity(spec, L)
-  warm_capacity = masking.max_capacity(warm_spec, L)
+  def loss(self, capacity: int | None = None):
+    return pretrain_loss(self.graphdef, spec=self.spec, warmup_spec=self.warm_spec,
+                         random_steps=self.random_steps,
+                         capacity=self.capacity if capacity is None else capacity,
+                         warmup_capacity=self.warm_capacity, image_size=self.image_size)
 
-  source = make_source(config.data)  # bad paths fail here, before any compilation
-  steps_per_epoch = source.num_examples // config.batch_size
-  if steps_per_epoch == 0:
-    raise cfg_lib.ConfigError(f"{source.num_examples} images is less than one batch of "
-                              f"{config.batch_size}")
-  random_steps = steps_per_epoch * config.random_epochs
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  lr = schedule.peak_lr(config.blr, config.batch_size)
-  lr_fn = lambda s: schedule.mae_lr(s, lr=lr, min_lr=config.min_lr,
-                                    warmup_epochs=config.warmup_epochs, epochs=config.epochs,
-                                    steps_per_epoch=steps_per_epoch)
-  abstract = nnx.eval_shape(lambda: MaskedAutoencoder(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-  decay_mask = optim.reference_decay_mask(nnx.to_pure_dict(abstract_params))
-  tx = make_optimizer(lr_fn, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                      decay_mask=decay_mask)
-  bucketed = config.masking.capacity == "bucketed" and spec.adaptive
-  buckets = (masking.capacity_buckets(spec, L, config.masking.num_buckets) if bucketed
-             else (capacity,))
-  step_fns: dict = {}
-
-  def build_step(state_sh):
-    bsh = {k: sharding.batch_sharding(mesh) for k in data_keys}
-    replicated = NamedSharding(mesh, P())
-    max_keep_fn = (_max_keep_fn(graphdef, spec, config.accum_steps, mesh, model_cfg.img_size)
-                   if bucketed else None)
+  def train_step(self, state_shardings):
+    """One jitted step per encoder capacity in use (one with 'max')."""
+    keys, mesh = self.batch_keys(), self.mesh
+    bsh = {k: sharding.batch_sharding(mesh) for k in keys}
+    max_keep = self._max_keep_fn() if self.bucketed else None
 
     def compile_step(cap):
-      loss_fn = pretrain_loss(graphdef, spec=spec, warmup_spec=warm_spec,
-                              random_steps=random_steps, capacity=cap,
-                              warmup_capacity=warm_capacity, image_size=model_cfg.img_size)
-      fn = make_train_step(loss_fn, tx, accum_steps=config.accum_steps)
-      return jax.jit(fn, in_shardings=(state_sh, bsh), out_shardings=(state_sh, replicated),
-                     donate_argnums=0)
+      fn = make_train_step(self.loss(cap), self.tx, accum_steps=self.config.accum_steps)
+      return jax.jit(fn, in_shardings=(state_shardings, bsh),
+                     out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
     def step(state, batch):
-      arrays = {k: sharding.global_batch(mesh, batch[k]) for k in data_keys}
-      cap = capacity
-      if bucketed and int(state.step) >= random_steps:  # one small host read a step
-        cap = masking.choose_capacity(int(max_keep_fn(state.params, state.fixed, arrays)),
-                                      buckets)
-      if cap not in step_fns:
-        step_fns[cap] = compile_step(cap)
-      return step_fns[cap](state, arrays)
+      arrays = {k: sharding.global_batch(mesh, batch[k]) for k in keys}
+      cap = self.capacity
+      if self.bucketed and int(state.step) >= self.random_steps:  # one small host read a step
+        cap = masking.choose_capacity(int(max_keep(state.params, state.fixed, arrays)),
+                                      self.buckets)
+      if cap not in self._step_fns:
+        self._step_fns[cap] = compile_step(cap)
+      return self._step_fns[cap](state, arrays)
 
     return step
 
-  from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  transform = transforms.make_transform(
-      "pretrain_crop" if config.data.device_resize else "pretrain", model_cfg.img_size)
-  data_keys = tuple(transform.spec)  # what the host sends per image
+  def _max_keep_fn(self):
+    """Largest AMR keep length of a step's micro-batches. Keep lengths depend on
+    salience only (not on the masking noise), so this equals what the step will
+    compute, and the chosen bucket always holds every sample."""
+    spec, accum, graphdef, size = self.spec, self.config.accum_steps, self.graphdef, self.image_size
 
-  def make_data(start):
-    from sbam_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.InputPipeline(
-        source, transform,
-        global_batch=config.batch_size, image_size=model_cfg.img_size, seed=config.seed,
-        process_index=proc, process_count=n_proc, start_step=start, num_epochs=config.epochs,
-        threads=config.data.threads or None)
+    def fn(params, fixed, batch):
+      model = nnx.merge(graphdef, params, fixed)
+      images = device_ops.pixels(batch, size)
+      micro = images.reshape((accum, -1) + images.shape[1:])
+      keep = jax.vmap(lambda x: masking.amr_keep_lengths(
+          masking.token_salience(model.embed_patches(device_ops.normalize(x))),
+          mask_ratio=spec.mask_ratio, ratio_var=spec.ratio_var, delta=spec.delta,
+          group_size=spec.group_size))(micro)
+      return keep.max()
 
-  figure_batch = []
+    return jax.jit(fn, out_shardings=NamedSharding(self.mesh, P()))
 
-  def on_step(state, step, batch, writer):
-    if not figure_batch:
-      from sbam_jax.data import device as device_ops  # pylint: disable=g-import-not-at-top
-      few = {k: batch[k][: config.figure_images] for k in data_keys}
-      figure_batch.append(np.asarray(device_ops.pixels(few, model_cfg.img_size), np.uint8))
-    if step % config.figure_every == 0:
-      _figure(state, graphdef, spec, figure_batch[0], step, workdir, writer)
+  def features_fn(self):
+    """Unmasked encoder features: the cls token and the mean of patch tokens."""
+    graphdef = self.graphdef
 
-  def on_close():
-    if bucketed and proc == 0:
-      print(f"encoder capacities compiled: {sorted(step_fns)} of buckets {list(buckets)}")
+    def fn(state, images):
+      return nnx.merge(graphdef, state.params, state.fixed).encoder.pooled_features(images)
 
-  return Job(
-      mesh=mesh, card=model_card("pretrain", model_cfg),
-      init_state=lambda load: _initial_state(config, model_cfg, tx, steps_per_epoch, load),
-      build_step=build_step, make_data=make_data, steps_per_epoch=steps_per_epoch,
-      total_steps=steps_per_epoch * config.epochs, batch_size=config.batch_size, lr_fn=lr_fn,
-      summary=(f"pre-training a {model_cfg.embed_dim}-wide ViT, lr {lr:.3g}, masking "
-               f"{spec.method} (v={spec.ratio_var}, group={spec.group_size}), random masking "
-               f"until step {random_steps}"),
-      flops_per_image=flops_per_image(model_cfg, (capacity + warm_capacity) // 2),
-      on_step=on_step,
-      on_end=lambda state, step, writer: _figure(
-          state, graphdef, spec, figure_batch[0] if figure_batch else None, step, workdir,
-          writer),
-      on_close=on_close)
+    return fn
 
+  def after_step(self, state, step, batch, writer):
+    if self._figure_batch is None:
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      few = {k: batch[k][: self.config.figure_images] for k in self.batch_keys()}
+      self._figure_batch = np.asarray(device_ops.pixels(few, self.image_size), np.uint8)
+    if step % self.config.figure_every == 0:
+      self._figure(state, step, writer)
 
-def _max_keep_fn(graphdef, spec, accum_steps, mesh, image_size):
-  """Largest AMR keep length of a step's micro-batches. Keep lengths depend on
-  salience only (not on the masking noise), so this equals what the step will
-  compute, and the chosen bucket always holds every sample."""
-  from sbam_jax.data import device as device_ops  # pylint: disable=g-import-not-at-top
+  def at_end(self, state, step, writer):
+    self._figure(state, step, writer)
 
-  def fn(params, fixed, batch):
-    model = nnx.merge(graphdef, params, fixed)
-    images = device_ops.pixels(batch, image_size)
-    micro = images.reshape((accum_steps, -1) + images.shape[1:])
-    keep = jax.vmap(lambda x: masking.amr_keep_lengths(
-        masking.token_salience(model.embed_patches(device_ops.normalize(x))),
-        mask_ratio=spec.mask_ratio, ratio_var=spec.ratio_var, delta=spec.delta,
-        group_size=spec.group_size))(micro)
-    return keep.max()
+  def close(self):
+    if self.bucketed and self.process == 0:
+      print(f"encoder capacities compiled: {sorted(self._step_fns)} of buckets "
+            f"{list(self.buckets)}")
 
-  return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
-
-
-def _figure(state, graphdef, spec, images, step, workdir, writer):
-  """Every process joins the gather (parameters may be split over processes);
-  process 0 draws."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  params, fixed = multihost_utils.process_allgather((state.params, state.fixed), tiled=True)
-  if images is None or jax.process_index() != 0:
-    return
-  model = nnx.merge(graphdef, params, fixed)
-  # A few images cannot form the training AMR group: one ratio per image here.
-  image = figures.panels(model, images, dataclasses.replace(spec, group_size=1),
-                         jax.random.PRNGKey(step))
-  figures.save_png(image, os.path.join(workdir, "figures", f"step_{step:07d}.png"))
-  writer.image(step, "reconstruction", image)
-
+  def _figure(self, state, step, writer):
+    """Every process joins the gather (parameters may be split over processes);
+    process 0 draws."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    params, fixed = multihost_utils.process_allgather((state.params, state.fixed), tiled=True)
+    if self._figure_batch is None or self.process != 0:
+      return
+    model = nnx.merge(self.graphdef, params, fixed)
+    # A few images cannot form the training AMR group: one ratio per image here.
+    image = figures.panels(model, self._figure_batch,
+                           dataclasses.replace(self.spec, group_size=1), jax.random.PRNGKey(step))
+    figures.save_png(image, os.path.join(self.workdir, "figures", f"step_{step:07d}.png"))
+    writer.image(step, "reconstruction", image)

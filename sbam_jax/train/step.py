@@ -5,11 +5,8 @@ A task supplies `loss_fn(params, fixed, stats, batch, key, step) -> (loss,
 micro-batches with `lax.scan` (carrying mutable statistics such as the linear
 probe's BatchNorm), applies the optax update to the float32 parameters, and
 reports `grad_norm` and `finite`. A non-finite loss or gradient leaves the
-state unchanged, so the loop can stop with the last good state.
-
-`pretrain_loss` is the MAE / SBAM objective; masking is chosen per step
-(random masking during the warm-up epochs of a "random first, then SBAM"
-schedule, via `lax.cond`, which runs only the branch in force).
+state unchanged, so the loop can stop with the last good state. The losses
+live with their tasks (`pretrain.py`, `classify.py`).
 """
 
 from __future__ import annotations
@@ -19,10 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
-
-from sbam_jax import masking, optim
-from sbam_jax.data import device as device_ops
+from flax import struct
 
 
 @struct.dataclass
@@ -33,38 +27,6 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   stats: Any = struct.field(default_factory=dict)  # updated by the forward pass (BatchNorm)
-
-
-make_optimizer = optim.adamw  # pre-training's AdamW (the reference decay mask)
-
-
-STAT_KEYS = ("mask_ratio_mean", "mask_ratio_min", "mask_ratio_max", "frac_above_delta",
-             "salience_entropy")
-
-
-def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.MaskingSpec,
-                  random_steps: int, capacity: int, warmup_capacity: int, image_size: int):
-  """MAE loss of a batch {'image': uint8} (or host crops + 'size', resized
-  here to `image_size`); steps below `random_steps` use
-  `warmup_spec` (random masking), the rest `spec`. Salience diagnostics are
-  NaN under random masking."""
-
-  def run(params, fixed, imgs, key, s, c):
-    out = nnx.merge(graphdef, params, fixed)(imgs, key, s, capacity=c)
-    diag = masking.masking_stats(out.plan, out.salience, s.delta)
-    return out.loss, {k: diag.get(k, jnp.float32(jnp.nan)) for k in STAT_KEYS}
-
-  def loss_fn(params, fixed, stats, batch, key, step):
-    imgs = device_ops.normalize(device_ops.pixels(batch, image_size), jnp.float32)
-    branch = lambda s, c: (lambda _: run(params, fixed, imgs, key, s, c))
-    if random_steps <= 0:
-      loss, diag = branch(spec, capacity)(None)
-    else:
-      loss, diag = jax.lax.cond(step < random_steps, branch(warmup_spec, warmup_capacity),
-                                branch(spec, capacity), None)
-    return loss, (diag, stats)
-
-  return loss_fn
 
 
 def make_train_step(loss_fn, tx, *, accum_steps: int):
