@@ -78,9 +78,12 @@ def test_hf_pretrain_round_trip_is_bit_exact(tmp_path):
 
 def test_hf_5x_state_dict_names_read_like_4x(tmp_path):
   """A transformers 5.x module's own state_dict (q_proj / o_proj / mlp.fc1
-  names) converts to the same parameters as its save_pretrained folder."""
+  names) and a sharded save convert to the same parameters as its
+  save_pretrained folder."""
   ref = hf_mae(seed=1)
   ref.save_pretrained(tmp_path / "v4")
+  ref.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+  assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   os.makedirs(tmp_path / "v5")
   sd = ref.state_dict()
   assert "vit.layers.0.attention.q_proj.weight" in sd  # the installed version's names
@@ -88,10 +91,12 @@ def test_hf_5x_state_dict_names_read_like_4x(tmp_path):
   (tmp_path / "v5" / "config.json").write_text((tmp_path / "v4" / "config.json").read_text())
   run("to-jax", tmp_path / "v4", tmp_path / "j4")
   run("to-jax", tmp_path / "v5", tmp_path / "j5")
+  run("to-jax", tmp_path / "sharded", tmp_path / "js")
   a, _ = checkpoints.load_params(str(tmp_path / "j4"))
-  b, _ = checkpoints.load_params(str(tmp_path / "j5"))
-  for x, y in zip(jax_leaves(a), jax_leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  for other in ("j5", "js"):
+    b, _ = checkpoints.load_params(str(tmp_path / other))
+    for x, y in zip(jax_leaves(a), jax_leaves(b), strict=True):
+      np.testing.assert_array_equal(x, y)
 
 
 def jax_leaves(tree):

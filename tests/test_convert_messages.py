@@ -63,7 +63,8 @@ def test_pooling_read_from_training_args(tmp_path):
 
 def test_flag_contradicting_fc_norm_is_refused(tmp_path, capsys):
   torch.manual_seed(0)
-  save_file(TorchViT(32, 8, 64, 2, 4, 5, global_pool=True).state_dict(), tmp_path / "gap.safetensors")
+  save_file(TorchViT(32, 8, 64, 2, 4, 5, global_pool=True).state_dict(),
+            tmp_path / "gap.safetensors")
   err = refused(capsys, tmp_path, "to-jax", tmp_path / "gap.safetensors", "--global-pool", "token")
   assert err == ("error: --global-pool token contradicts the weights: they hold 'fc_norm' (a "
                  "global-pool head, no final 'norm'); use --global-pool avg\n")

@@ -50,8 +50,8 @@ _OUTER = {"mask_token": "decoder.mask_token", "decoder_pos_embed": "decoder.deco
           "decoder_pred": "decoder.decoder_pred", "head": "classifier"}
 # Present in some Hugging Face models, used by none of this project's.
 DROPPED = ("pooler.", "embeddings.mask_token")
-_BLOCK_RE = re.compile(r"^(encoder\.layer|layers|decoder\.decoder_layers|decoder\.decoder_encoder\.layer)"
-                       r"\.(\d+)\.(.+)\.(weight|bias)$")
+_BLOCK_RE = re.compile(r"^(encoder\.layer|layers|decoder\.decoder_layers"
+                       r"|decoder\.decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 def _split_suffix(key: str) -> tuple[str, str]:

@@ -44,7 +44,8 @@ def _args_pool(obj: Any, path: str) -> Optional[tuple[str, str]]:
 
 
 def _hf_named(sd) -> bool:
-  return any(k.startswith(("vit.embeddings.", "embeddings.cls_token")) for k in sd)
+  return any(k.startswith(("vit.", "embeddings.", "encoder.layer.", "layers.", "decoder.decoder_"))
+             or ".attention.attention." in k for k in sd)
 
 
 def _read_file(path: str, folder_cfg: Optional[dict], **kw) -> Source:
