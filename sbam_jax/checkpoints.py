@@ -13,6 +13,18 @@ A training workdir (train.py) holds its own card (`sbam_jax.json`, format
 `sbam_jax.workdir/1`) beside `checkpoints/` (orbax CheckpointManager of the
 whole TrainState); `load_weights` reads either kind of folder, the workdir's
 latest step, weights only (params + fixed tables + statistics).
+
+The card (`sbam_jax.json`) is JSON with: `format` (`sbam_jax.params/1` or
+`sbam_jax.workdir/1`), `kind` (`pretrain` | `encoder` | `finetuned` |
+`linprobe`), `model` (every ModelConfig field), `num_classes`, `global_pool`
+(classifiers: mean of patch tokens + fc_norm, else cls token after norm), and
+optionally `classes` (label names), `source` / `source_format` (what it was
+converted from), `epoch` and `adamw_step` (a converted training checkpoint),
+`extra` (names of further trees).
+
+Python API: `load_model(path)` -> (ready NNX model, its ModelConfig, card)
+for any such folder; `save_model(dir, model)` writes a folder that
+`convert_checkpoints.py to-torch` exports.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -154,3 +166,72 @@ def load_weights(path: str) -> tuple[dict, dict]:
   out = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
       item=wanted, restore_args=restore_args, partial_restore=True))
   return _to_numpy(deep_merge(*(out[k] for k in wanted))), {**card, "step": int(step)}
+
+
+class LoadedModel(NamedTuple):
+  model: Any    # MaskedAutoencoder | Encoder | VisionTransformer, weights loaded
+  config: Any   # its ModelConfig
+  card: dict
+
+
+_EXECUTION_FIELDS = ("dtype", "scan_layers", "attention", "remat")
+
+
+def load_model(path: str, **execution) -> LoadedModel:
+  """A ready model from a converted checkpoint folder or a training workdir.
+
+  `execution` may set how (not what) the model computes: dtype, scan_layers,
+  attention, remat (see ModelConfig).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sbam_jax import models  # pylint: disable=g-import-not-at-top
+  bad = sorted(set(execution) - set(_EXECUTION_FIELDS))
+  if bad:
+    raise ValueError(f"load_model: {bad} are not execution options {_EXECUTION_FIELDS}; the "
+                     f"architecture comes from the card")
+  params, card = load_weights(path)
+  cfg = models.ModelConfig(**{**card["model"], **execution})
+  kind, rngs = card["kind"], nnx.Rngs(0)
+  if kind == "pretrain":
+    model = models.MaskedAutoencoder(cfg, rngs=rngs)
+  elif kind == "encoder":
+    model = models.Encoder(cfg, rngs=rngs)
+  elif kind in ("finetuned", "linprobe"):
+    model = models.VisionTransformer(cfg, int(card["num_classes"]),
+                                     global_pool=bool(card.get("global_pool", True)),
+                                     probe=kind == "linprobe", rngs=rngs)
+  else:
+    raise ValueError(f"{path}: unknown kind {kind!r} in its card")
+  load_into(model, params)
+  return LoadedModel(model, cfg, card)
+
+
+def save_model(directory: str, model, config: Optional[Any] = None, *, overwrite: bool = False,
+               classes: Optional[list] = None) -> dict:
+  """Save an NNX model as a parameter checkpoint (`load_model`, `to-torch` read it).
+
+  `config` is the model's ModelConfig (taken from the model when it keeps one,
+  as MaskedAutoencoder does). Returns the card written.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sbam_jax import models  # pylint: disable=g-import-not-at-top
+  config = config if config is not None else getattr(model, "cfg", None)
+  if config is None:
+    raise ValueError(f"save_model: pass the ModelConfig of this {type(model).__name__}")
+  card: dict = {"model": dataclasses.asdict(config), "num_classes": 0, "global_pool": True,
+                "source": "sbam_jax.checkpoints.save_model"}
+  if isinstance(model, models.MaskedAutoencoder):
+    card["kind"] = "pretrain"
+  elif isinstance(model, models.Encoder):
+    card["kind"] = "encoder"
+  elif isinstance(model, models.VisionTransformer):
+    card.update(kind="linprobe" if model.head_bn is not None else "finetuned",
+                num_classes=int(model.head.out_features), global_pool=bool(model.global_pool))
+  else:
+    raise ValueError(f"save_model: {type(model).__name__} is not a model of this project")
+  if classes is not None:
+    card["classes"] = [str(c) for c in classes]
+  params = _to_numpy(nnx.to_pure_dict(nnx.state(model)))
+  save_params(directory, params, card, overwrite=overwrite)
+  return card

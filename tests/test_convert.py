@@ -47,11 +47,13 @@ def encoder_state(model):
           if not k.startswith(("decoder", "mask_token"))}
 
 
-CASES = {  # name: (state dict maker, expected kind)
-    "pretrain": (lambda: reference("pretrain").state_dict(), "pretrain"),
-    "encoder": (lambda: encoder_state(reference("pretrain")), "encoder"),
-    "finetuned_gap": (lambda: reference("vit", True).state_dict(), "finetuned"),
-    "finetuned_cls": (lambda: reference("vit", False).state_dict(), "finetuned"),
+CASES = {  # name: (state dict maker, expected kind, flags)
+    "pretrain": (lambda: reference("pretrain").state_dict(), "pretrain", ()),
+    "encoder": (lambda: encoder_state(reference("pretrain")), "encoder", ()),
+    "finetuned_gap": (lambda: reference("vit", True).state_dict(), "finetuned", ()),
+    # keys norm + head do not tell the pooling: the flag says it (see test_convert_messages)
+    "finetuned_cls": (lambda: reference("vit", False).state_dict(), "finetuned",
+                      ("--global-pool", "token")),
 }
 
 
@@ -65,11 +67,11 @@ def convert(tmp_path, obj, *extra, name="in.pth"):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_is_bit_exact(case, tmp_path):
-  make, kind = CASES[case]
+  make, kind, flags = CASES[case]
   sd = make()
   # A training checkpoint: model + epoch + args Namespace (allowed by the allow-list).
   dst = convert(tmp_path, {"model": sd, "epoch": 99,
-                           "args": argparse.Namespace(blr=1.5e-4, mask_ratio=0.75)})
+                           "args": argparse.Namespace(blr=1.5e-4, mask_ratio=0.75)}, *flags)
   params, card = checkpoints.load_params(dst)
   assert card["kind"] == kind and card["epoch"] == 99
   out = str(tmp_path / "back.pth")
@@ -101,10 +103,11 @@ def test_converted_pretrain_model_equals_reference(tmp_path, assert_close):
 @pytest.mark.parametrize("global_pool", [True, False])
 def test_converted_classifier_equals_reference(global_pool, tmp_path, assert_close):
   ref = reference("vit", global_pool, seed=4)
-  dst = convert(tmp_path, {"model": ref.state_dict()})
+  pool = "avg" if global_pool else "token"
+  dst = convert(tmp_path, {"model": ref.state_dict()}, "--global-pool", pool)
   params, card = checkpoints.load_params(dst)
   assert card["global_pool"] == global_pool and card["num_classes"] == 7
-  model = formats.build_model(formats.detect(ref.state_dict()), abstract=False)
+  model = formats.build_model(formats.detect(ref.state_dict(), global_pool=pool), abstract=False)
   checkpoints.load_into(model, params)
   imgs = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
@@ -151,8 +154,8 @@ def _bad_inputs(tmp_path):
   torch.save(bad, tmp_path / "mismatch.pth")
   torch.save({"model": good, "payload": _RunsCode()}, tmp_path / "malicious_zip.pth")
   return {
-      "malicious.pth": "refused to load",
-      "malicious_zip.pth": "refused to load",
+      "malicious.pth": "refused to load: it asks for posix.system",
+      "malicious_zip.pth": "refused to load: it asks for posix.system",
       "truncated.pth": "truncated or corrupt",
       "resnet.pth": "not a ViT",
       "mismatch.pth": "blocks.1.mlp.fc1.weight: got (100, 64), expected (256, 64)",

@@ -8,7 +8,16 @@
 
 The architecture comes from shapes (width, depth, patch, grid, MLP ratio);
 head counts are not in the weights, so they come from the standard sizes
-(768 -> 12, 1024 / 1280 -> 16; decoder 512 -> 16; tiny 64 / 32 -> 4) or a flag.
+(768 -> 12, 1024 / 1280 -> 16; decoder 512 -> 16; tiny 64 / 32 -> 4), a flag,
+or a Hugging Face config.json. The decoder's MLP width is read from its own
+shapes.
+
+A classifier's pooling is read from its keys when they tell: `fc_norm` (and
+no `norm`) is the global-pool head. `norm` + `head` is ambiguous: MAE's and
+timm's cls-token head, or timm's `global_pool='avg', fc_norm=False` (norm on
+every token, then the mean), whose logits differ. Then the pooling must come
+from `--global-pool`, the checkpoint's training `args`, or a config beside
+the weights; detection refuses, naming the flag, when none says.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from sbam_jax.models.sizes import ModelConfig, model_config
 
 PRETRAIN, ENCODER, FINETUNED = "pretrain", "encoder", "finetuned"
 KINDS = (PRETRAIN, ENCODER, FINETUNED)
+AVG, TOKEN = "avg", "token"
+POOLS = (AVG, TOKEN)
 _HEADS = {64: 4, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # 64: this project's tiny
 _DECODER_HEADS = {32: 4, 512: 16}
 
@@ -54,9 +65,46 @@ def _depth(sd, prefix):
   return max(ids) + 1 if ids else 0
 
 
+def classifier_pool(sd: Mapping[str, np.ndarray], global_pool: Optional[str],
+                    hint: Optional[tuple[str, str]] = None) -> bool:
+  """True for global-pool (mean of patch tokens, fc_norm), False for cls token.
+
+  `global_pool` is the user's flag; `hint` = (pool, where it was read) from
+  the checkpoint's own metadata. Refuses when the weights cannot tell and
+  nothing else does, and when a stated pooling contradicts the keys.
+  """
+  has_fc, has_norm = "fc_norm.weight" in sd, "norm.weight" in sd
+  stated, where = (global_pool, "--global-pool") if global_pool else (hint or (None, None))
+  if has_fc and not has_norm:
+    if stated == TOKEN:
+      raise ConvertError(f"{where} token contradicts the weights: they hold 'fc_norm' (a "
+                         f"global-pool head, no final 'norm'); use --global-pool avg")
+    return True
+  if not has_norm or has_fc:
+    raise ConvertError("classifier has neither 'fc_norm' nor 'norm' (or both): not a MAE / timm "
+                       "ViT classifier layout")
+  if stated is None:
+    raise ConvertError("the weights cannot tell the pooling: keys 'norm' + 'head' are a cls-token "
+                       "classifier (MAE --cls_token, timm global_pool='token', Hugging Face) or "
+                       "timm global_pool='avg' with fc_norm=False; pass --global-pool token or "
+                       "--global-pool avg")
+  if stated == AVG:
+    raise ConvertError(f"{where} avg with keys 'norm' + 'head' is timm's global_pool='avg', "
+                       f"fc_norm=False (norm on every token, then the mean): this project's "
+                       f"VisionTransformer pools either cls token after 'norm' or the mean "
+                       f"through 'fc_norm', so it cannot run these weights unchanged")
+  return False
+
+
+def _mlp_ratio(sd, prefix: str, width: int) -> float:
+  return sd[f"{prefix}.0.mlp.fc1.weight"].shape[0] / width
+
+
 def detect(sd: Mapping[str, np.ndarray], *, kind: Optional[str] = None,
-           num_heads: Optional[int] = None, decoder_num_heads: Optional[int] = None) -> Detected:
-  """What a reference state dict holds; `kind` / head counts override detection."""
+           num_heads: Optional[int] = None, decoder_num_heads: Optional[int] = None,
+           global_pool: Optional[str] = None,
+           pool_hint: Optional[tuple[str, str]] = None) -> Detected:
+  """What a reference state dict holds; `kind` / head counts / pooling override detection."""
   if kind is None:
     if "decoder_embed.weight" in sd or "mask_token" in sd:
       kind = PRETRAIN
@@ -84,21 +132,39 @@ def detect(sd: Mapping[str, np.ndarray], *, kind: Optional[str] = None,
   heads = num_heads or _HEADS.get(d)
   if heads is None:
     raise ConvertError(f"width {d} is not a standard size: pass --num-heads")
+  ratio = _mlp_ratio(sd, "blocks", d)
   fields = dict(img_size=grid * p, patch_size=p, embed_dim=d, depth=_depth(sd, "blocks"),
-                num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d,
-                in_chans=chans)
+                num_heads=heads, mlp_ratio=ratio, in_chans=chans)
   if kind == PRETRAIN:
-    dd = sd["decoder_embed.weight"].shape[0]
-    dheads = decoder_num_heads or _DECODER_HEADS.get(dd)
-    if dheads is None:
-      raise ConvertError(f"decoder width {dd} is not a standard size: pass --decoder-num-heads")
-    fields.update(decoder_embed_dim=dd, decoder_depth=_depth(sd, "decoder_blocks"),
-                  decoder_num_heads=dheads)
-  cfg = model_config("base", **fields)
+    fields.update(_decoder_fields(sd, decoder_num_heads, ratio))
+  try:
+    cfg = model_config("base", **fields)
+  except ValueError as e:
+    raise ConvertError(f"architecture read from the weights is not buildable: {e}") from None
   if kind == FINETUNED:
     return Detected(kind, cfg, num_classes=int(sd["head.weight"].shape[0]),
-                    global_pool="fc_norm.weight" in sd)
+                    global_pool=classifier_pool(sd, global_pool, pool_hint))
   return Detected(kind, cfg)
+
+
+def _decoder_fields(sd, decoder_num_heads: Optional[int], encoder_ratio: float) -> dict:
+  """Decoder width, depth, heads; its MLP width read from its own fc1."""
+  if "decoder_embed.weight" not in sd or "decoder_blocks.0.mlp.fc1.weight" not in sd:
+    raise ConvertError("pre-train state dict lacks decoder_embed / decoder_blocks.0: a truncated "
+                       "decoder? pass --kind encoder to keep the encoder only")
+  dd = sd["decoder_embed.weight"].shape[0]
+  dheads = decoder_num_heads or _DECODER_HEADS.get(dd)
+  if dheads is None:
+    raise ConvertError(f"decoder width {dd} is not a standard size: pass --decoder-num-heads")
+  dratio = _mlp_ratio(sd, "decoder_blocks", dd)
+  if dratio != encoder_ratio:
+    hidden = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0]
+    raise ConvertError(f"decoder MLP width {hidden} (ratio {dratio:g} of {dd}) differs from the "
+                       f"encoder's ratio {encoder_ratio:g}; this project's MaskedAutoencoder "
+                       f"builds both with one mlp_ratio, so it cannot hold this decoder (convert "
+                       f"the encoder alone with --kind encoder)")
+  return dict(decoder_embed_dim=dd, decoder_depth=_depth(sd, "decoder_blocks"),
+              decoder_num_heads=dheads)
 
 
 def build_model(det: Detected, seed: int = 0, abstract: bool = True):

@@ -1,7 +1,10 @@
-"""Read and write PyTorch `.pth` files without running pickled code.
+"""Read and write PyTorch `.pth` and `.safetensors` files without running pickled code.
 
-Loading uses `torch.load(weights_only=True)` with an explicit allow-list: the
-only non-tensor object the reference checkpoints hold is `args`, an
+A file is first recognised by its opening bytes (zip or pickle: a `.pth`; an
+8-byte header length then `{`: safetensors), so text or random bytes are
+called what they are instead of failing deep inside a loader. `.pth` files
+load with `torch.load(weights_only=True)` and an explicit allow-list: the only
+non-tensor object the reference checkpoints hold is `args`, an
 `argparse.Namespace`. Anything else a pickle asks to build (a class, a
 function: the way malicious `.pth` files run code) is refused with a message
 naming it. Writing goes to a temporary file in the target folder, then an
@@ -11,37 +14,128 @@ atomic rename: an interrupted conversion never leaves a half-written file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
+import pickletools
+import re
+import struct
 import tempfile
+import warnings
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
+PTH, SAFETENSORS = "pth", "safetensors"
+_SAFE_NAMES = {"collections.OrderedDict", "argparse.Namespace", "_codecs.encode", "builtins.set",
+               "builtins.frozenset", "builtins.bytearray", "builtins.slice", "builtins.complex"}
 
 
 class ConvertError(ValueError):
   """A checkpoint that cannot be converted; the message says why and what to do."""
 
 
+def sniff(path: str) -> str:
+  """PTH or SAFETENSORS from the file's opening bytes; ConvertError otherwise."""
+  if os.path.isdir(path):
+    raise ConvertError(f"{path} is a folder; expected a checkpoint file (.pth or .safetensors)")
+  if not os.path.isfile(path):
+    raise ConvertError(f"{path}: no such file")
+  with open(path, "rb") as f:
+    head = f.read(16)
+  size = os.path.getsize(path)
+  if not head:
+    raise ConvertError(f"{path} is empty: not a checkpoint")
+  if head[:4] == b"PK\x03\x04" or (head[0] == 0x80 and 2 <= head[1] <= 5):
+    return PTH
+  if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+    return SAFETENSORS
+  try:
+    head.decode("utf-8")
+    looks = "it looks like text"
+  except UnicodeDecodeError:
+    looks = f"it starts with bytes {head[:8].hex(' ')}"
+  raise ConvertError(f"{path} is not a checkpoint: neither a PyTorch .pth (zip or pickle) nor a "
+                     f".safetensors file ({looks})")
+
+
+def _pickle_bytes(path: str) -> bytes:
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as z:
+      names = [n for n in z.namelist() if n.endswith("data.pkl")]
+      return z.read(names[0]) if names else b""
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def pickle_globals(data: bytes) -> list[str]:
+  """'module.name' of every GLOBAL / STACK_GLOBAL a pickle asks for, read from
+  its opcodes without executing anything (strings tracked through the memo)."""
+  found, strings, memo = [], [], {}
+  try:
+    for op, arg, _ in pickletools.genops(data):
+      if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+        strings.append(arg)
+      elif op.name == "MEMOIZE" and strings:
+        memo[len(memo)] = strings[-1]
+      elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+        strings.append(memo[arg])
+      elif op.name == "GLOBAL":
+        found.append(arg.replace(" ", "."))
+      elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+        found.append(f"{strings[-2]}.{strings[-1]}")
+  except Exception:  # pylint: disable=broad-except  (a damaged tail: keep what was read)
+    pass
+  return found
+
+
+def _refusal(path: str, loader_message: str) -> ConvertError:
+  """Name the globals a refused pickle wanted; never repeat the loader's advice."""
+  named = re.findall(r"GLOBAL ([\w.]+)", loader_message)
+  if not named:
+    named = [g for g in pickle_globals(_pickle_bytes(path))
+             if not g.startswith("torch.") and g not in _SAFE_NAMES]
+  named = list(dict.fromkeys(named))
+  what = (f"it asks for {', '.join(named)}" if named
+          else "its pickle uses instructions the safe loader does not accept")
+  return ConvertError(f"{path}: refused to load: {what}, outside the allow-list (tensors, "
+                      f"containers, argparse.Namespace); loading it could run code. Re-save the "
+                      f"weights alone (a dict of tensors, or .safetensors) from a trusted copy")
+
+
 def load_pth(path: str) -> Any:
   """The unpickled object of a `.pth`, tensors only plus Namespace `args`."""
   import torch  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise ConvertError(f"{path}: no such file")
+  sniff(path)
   try:
-    with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+    with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": the outcome is reported below
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    raise ConvertError(
-        f"{path}: refused to load: its pickle asks for something outside the allow-list "
-        f"(tensors, containers, argparse.Namespace), which could run code. Loader said: "
-        f"{str(e).splitlines()[0] if str(e) else e!r}") from None
-  except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
+    raise _refusal(path, str(e)) from None
+  except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
     raise ConvertError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def load_safetensors(path: str) -> dict:
+  """{name: torch tensor} of a `.safetensors` file (no code can run: it holds no pickle)."""
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  sniff(path)
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ConvertError(f"{path}: not a readable .safetensors file (truncated or corrupt?): "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_checkpoint(path: str) -> tuple[Any, str]:
+  """(loaded object, PTH | SAFETENSORS) of a checkpoint file of either kind."""
+  kind = sniff(path)
+  return (load_pth(path) if kind == PTH else load_safetensors(path)), kind
 
 
 def state_dict_of(obj: Any, path: str = "checkpoint") -> dict[str, np.ndarray]:
@@ -64,10 +158,16 @@ def state_dict_of(obj: Any, path: str = "checkpoint") -> dict[str, np.ndarray]:
   return out
 
 
-def save_pth(obj: Any, path: str, *, overwrite: bool = False) -> None:
-  """torch.save to a temporary name beside `path`, then rename."""
-  import torch  # pylint: disable=g-import-not-at-top
+def check_file_target(path: str, what: str) -> None:
+  """A file output must not land on a folder."""
+  if os.path.isdir(path):
+    raise ConvertError(f"{path} is a folder; {what} writes a file (.pth or .safetensors): "
+                       f"give a file name")
+
+
+def _atomic_file(path: str, write: Callable[[str], None], overwrite: bool) -> None:
   path = os.path.abspath(path)
+  check_file_target(path, "this format")
   if os.path.exists(path) and not overwrite:
     raise ConvertError(f"{path} exists; pass --force to replace it")
   folder = os.path.dirname(path)
@@ -75,11 +175,34 @@ def save_pth(obj: Any, path: str, *, overwrite: bool = False) -> None:
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
   os.close(fd)
   try:
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def save_pth(obj: Any, path: str, *, overwrite: bool = False) -> None:
+  """torch.save to a temporary name beside `path`, then rename."""
+  import torch  # pylint: disable=g-import-not-at-top
+  _atomic_file(path, lambda tmp: torch.save(obj, tmp), overwrite)
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, *, overwrite: bool = False,
+                     metadata: Mapping[str, str] | None = None) -> None:
+  """A float32 `.safetensors` file (metadata: string values only), written atomically."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  sd = to_torch_state_dict(tensors)
+  meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+  _atomic_file(path, lambda tmp: save_file(sd, tmp, metadata=meta), overwrite)
+
+
+def read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConvertError(f"{path}: not readable JSON: {e}") from None
 
 
 def to_torch_state_dict(arrays: Mapping[str, np.ndarray]) -> "dict":
