@@ -31,9 +31,9 @@ from flax import nnx  # noqa: E402
 
 from sbam_jax import masking, optim  # noqa: E402
 from sbam_jax.models import MaskedAutoencoder, model_config  # noqa: E402
-from sbam_jax.train.pretrain import flops_per_image  # noqa: E402
-from sbam_jax.train.step import (TrainState, make_optimizer, make_train_step,  # noqa: E402
-                                 pretrain_loss)
+from sbam_jax.train import flops as flops_lib  # noqa: E402
+from sbam_jax.train.pretrain import pretrain_loss  # noqa: E402
+from sbam_jax.train.step import TrainState, make_train_step  # noqa: E402
 
 SPECS = {"random": masking.MaskingSpec("random"),
          "sbm": masking.MaskingSpec("sbam", ratio_var=0.0),
@@ -63,8 +63,8 @@ def build(size, method, batch, dtype, attention, img_size, device_resize=False):
   model = MaskedAutoencoder(cfg, rngs=nnx.Rngs(0))
   graphdef, params, fixed = nnx.split(model, nnx.Param, ...)
   params, fixed = nnx.to_pure_dict(params), nnx.to_pure_dict(fixed)
-  tx = make_optimizer(1e-4, b1=0.9, b2=0.95, weight_decay=0.05,
-                      decay_mask=optim.reference_decay_mask(params))
+  tx = optim.build("adamw", 1e-4, decay_mask=optim.reference_decay_mask(params),
+                   defaults=dict(b1=0.9, b2=0.95, weight_decay=0.05))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, fixed=fixed,
                      opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   cap = masking.max_capacity(spec, cfg.num_patches)
@@ -167,7 +167,7 @@ def main(argv=None):
                                                     args.attention, args.img_size,
                                                     args.device_resize)
       sec, compile_s, compiled = time_jax(jitted, state, images, args.steps)
-      flops = flops_per_image(cfg, cap)
+      flops = flops_lib.mae(cfg, cap)
       row = dict(base, size=size, method=method, img_size=cfg.img_size, capacity=cap,
                  device_resize=args.device_resize,
                  step_ms=round(sec * 1e3, 2), img_per_s=round(args.batch / sec, 1),

@@ -19,7 +19,7 @@ import difflib
 import typing
 from typing import Any, Mapping
 
-from sbam_jax import masking
+from sbam_jax import masking, registry
 from sbam_jax.errors import ConfigError
 from sbam_jax.models.sizes import SIZES, ModelConfig, model_config
 
@@ -152,6 +152,7 @@ class TrainConfig:
     fsdp = self.mesh.fsdp
     if fsdp < 1 or num_devices % fsdp:
       raise ConfigError(f"mesh.fsdp={fsdp} must divide the {num_devices} devices")
+    registry.lookup("source", self.data.source, where="data.source")
     return batch // accum
 
 

@@ -31,6 +31,7 @@ whole optimizer state is checkpointed as a tree.
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
 from typing import Callable
 
@@ -115,18 +116,6 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
     del params
     return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
-
-
-def adamw(lr_fn, *, b1: float, b2: float, weight_decay: float,
-          decay_mask) -> optax.GradientTransformation:
-  """torch.optim.AdamW (eps 1e-8) with weight decay where `decay_mask` is True."""
-  return optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
-
-
-def finetune_adamw(lr_fn, *, b1: float, b2: float, weight_decay: float, decay_mask,
-                   scales) -> optax.GradientTransformation:
-  return optax.chain(adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay,
-                           decay_mask=decay_mask), scale_by_tree(scales))
 
 
 def matrices(params) -> dict:
@@ -222,13 +211,16 @@ def build(spec: str, lr_fn, *, decay_mask, scales=None, defaults: dict | None = 
   takes them; `args` (config.optimizer_args and the spec's own) override."""
   name, own = parse_name(spec)
   kwargs = {**(args or {}), **own}
-  try:
-    fn = registry.lookup("optimizer", name, where="optimizer")
-    custom = True
-  except ConfigError:
-    fn, custom = getattr(optax, name, None), False
-    if not callable(fn):
-      raise
+  custom = name in registry.names("optimizer")
+  fn = registry.lookup("optimizer", name) if custom else getattr(optax, name, None)
+  if name.startswith("_") or not callable(fn):
+    known = registry.names("optimizer") + [n for n in dir(optax) if n.islower()
+                                           and not n.startswith("_")]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"optimizer={name!r} is not a known optimizer{hint}; known: "
+                      f"{', '.join(registry.names('optimizer'))} or any optax optimizer "
+                      f"(sgd, lamb, adafactor, ...)")
   accepted = inspect.signature(fn).parameters
   kwargs = {**{k: v for k, v in (defaults or {}).items() if k in accepted}, **kwargs}
   if custom:

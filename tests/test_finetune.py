@@ -15,6 +15,7 @@ from sbam_jax import config as C
 from sbam_jax.convert import params_to_torch
 from sbam_jax.models import MaskedAutoencoder, model_config
 from sbam_jax.models.pos_embed import resample_pos_embed
+from sbam_jax.evals import classification
 from sbam_jax.train import classify
 from sbam_jax.train.step import TrainState, make_train_step
 from torch_reference import TorchLARS, TorchViT, mae_param_groups_lrd
@@ -70,8 +71,8 @@ def test_finetune_adamw_with_layer_scales_equals_torch_param_groups():
   params = jax.tree.map(np.asarray, params)
   scales = optim.layer_decay_scales(params, TINY.depth, 0.75)
   lr = 3e-3
-  tx = optim.finetune_adamw(lambda s: lr, b1=0.9, b2=0.999, weight_decay=0.05,
-                            decay_mask=optim.finetune_decay_mask(params), scales=scales)
+  tx = optim.build("adamw", lambda s: lr, decay_mask=optim.finetune_decay_mask(params),
+                   scales=scales, defaults=dict(b1=0.9, b2=0.999, weight_decay=0.05))
   ref = torch_vit(TINY, 7, True)
   ref.load_state_dict(_to_torch_named(params), strict=True)
   groups, _ = mae_param_groups_lrd(ref, 0.05, 0.75)
@@ -164,7 +165,8 @@ def test_eval_step_counts_valid_examples_once_against_numpy():
   # a head large enough that the ranking is not a tie
   model.head.kernel[...] = jax.random.normal(jax.random.PRNGKey(1), model.head.kernel.shape)
   graphdef, params, stats, fixed = classify.split_model(model, "finetune")
-  step = jax.jit(classify.make_eval_step(graphdef, 7))
+  logits_fn = lambda st, x: nnx.merge(graphdef, st["params"], st["stats"], st["fixed"])(x)
+  step = jax.jit(classification.make_eval_step(logits_fn, 7))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (13, 16, 16, 3)).astype(np.uint8)
   labels = rng.integers(0, 7, 13).astype(np.int32)
@@ -172,8 +174,8 @@ def test_eval_step_counts_valid_examples_once_against_numpy():
   for start in range(0, 13, 6):  # batches of 6, the last padded with 5 invalid rows
     n = min(6, 13 - start)
     pad = lambda a: np.concatenate([a[start:start + n], np.zeros((6 - n,) + a.shape[1:], a.dtype)])
-    out = step(params, stats, fixed, {"image": pad(images), "label": pad(labels),
-                                      "valid": np.arange(6) < n})
+    state = {"params": params, "stats": stats, "fixed": fixed}
+    out = step(state, {"image": pad(images), "label": pad(labels), "valid": np.arange(6) < n})
     for k in totals:
       totals[k] += np.asarray(out[k]).item()
   from sbam_jax.data import device as device_ops

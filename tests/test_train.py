@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sbam_jax import config as C
+from sbam_jax.train import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -240,7 +241,7 @@ def test_bad_configs_fail_before_compilation(change, match):
   c.unlock()
   change(c)
   with pytest.raises(C.ConfigError, match=match):
-    C.check_pretrain(c, num_devices=2, num_processes=1)
+    pretrain.check_config(c, num_devices=2, num_processes=1)
 
 
 def test_bad_data_path_is_a_clean_error(tmp_path, cache):
@@ -253,5 +254,10 @@ def test_unknown_config_key_is_named():
   c = demo()
   c.unlock()
   c.lr = 1e-3
-  with pytest.raises(C.ConfigError, match="top-level.lr"):
-    C.check_pretrain(c, num_devices=1, num_processes=1)
+  with pytest.raises(C.ConfigError, match=r"unknown config field lr \(did you mean blr\?\); known in the top level"):
+    pretrain.check_config(c, num_devices=1, num_processes=1)
+  c = demo()
+  c.unlock()
+  c.masking.mask_ration = 0.6
+  with pytest.raises(C.ConfigError, match=r"masking.mask_ration \(did you mean masking.mask_ratio\?\)"):
+    pretrain.check_config(c, num_devices=1, num_processes=1)

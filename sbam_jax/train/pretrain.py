@@ -70,6 +70,20 @@ def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.M
   return loss_fn
 
 
+def check_config(config, *, num_devices: int, num_processes: int) -> masking.MaskingSpec:
+  """Validate a pre-training config before anything is built or compiled;
+  returns the masking spec (AMR group resolved for this many devices)."""
+  cfg = config if isinstance(config, PretrainConfig) else config_lib.parse(PretrainConfig, config)
+  micro = cfg.check(num_devices=num_devices, num_processes=num_processes)
+  config_lib.build_model_config(cfg.model)
+  spec = config_lib.build_masking_spec(cfg.masking, global_batch=micro, num_devices=num_devices)
+  if not 0 <= cfg.random_epochs < cfg.epochs:
+    raise ConfigError(f"need 0 <= random_epochs ({cfg.random_epochs}) < epochs ({cfg.epochs})")
+  if cfg.figure_every < 1:
+    raise ConfigError(f"figure_every must be >= 1, got {cfg.figure_every}")
+  return spec
+
+
 @registry.register("task", "pretrain")
 class PretrainTask(Task):
   Config = PretrainConfig
@@ -78,12 +92,7 @@ class PretrainTask(Task):
   def __init__(self, config, workdir: str):
     super().__init__(config, workdir)
     cfg = self.config
-    self.spec = config_lib.build_masking_spec(cfg.masking, global_batch=self.micro_batch,
-                                              num_devices=self.num_devices)
-    if not 0 <= cfg.random_epochs < cfg.epochs:
-      raise ConfigError(f"need 0 <= random_epochs ({cfg.random_epochs}) < epochs ({cfg.epochs})")
-    if cfg.figure_every < 1:
-      raise ConfigError(f"figure_every must be >= 1, got {cfg.figure_every}")
+    self.spec = check_config(cfg, num_devices=self.num_devices, num_processes=self.num_processes)
     L = self.model_cfg.num_patches
     self.warm_spec = masking.MaskingSpec("random", mask_ratio=self.spec.mask_ratio)
     self.capacity = masking.max_capacity(self.spec, L)
