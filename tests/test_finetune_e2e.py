@@ -41,7 +41,8 @@ def pretrained(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("cache"))
   workdir = tmp_path_factory.mktemp("pre")
   code, out = train("demo.py", workdir, cache, "--config.epochs=4", "--config.warmup_epochs=1",
-                    "--config.random_epochs=1", "--config.figure_every=1000")
+                    "--config.random_epochs=1", "--config.figure_every=1000",
+                    "--config.evals.knn.every=0")
   assert code == 0, out
   return str(workdir), cache
 
@@ -167,3 +168,7 @@ def test_a_finetune_workdir_exports_to_pytorch(finetuned, tmp_path):
   want = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).detach().numpy()
   got = np.asarray(jax.device_get(model(x)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # The Python API: the workdir as a ready model, its architecture from the card.
+  loaded = checkpoints.load_model(str(ft))
+  assert isinstance(loaded.model, VisionTransformer) and loaded.config == cfg
+  np.testing.assert_allclose(np.asarray(loaded.model(x)), want, rtol=1e-4, atol=1e-5)

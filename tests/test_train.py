@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 from configs import demo as demo_config  # noqa: E402
 
 SHORT = ["--config.epochs=3", "--config.warmup_epochs=1", "--config.random_epochs=1",
+         "--config.evals.knn.every=0",
          "--config.log_every=1", "--config.checkpoint_every=5", "--config.figure_every=1000"]
 
 
@@ -61,16 +62,23 @@ def test_demo_run_learns_and_writes_everything(tmp_path, cache):
   code, out = run(tmp_path, cache, "--config.epochs=6", "--config.figure_every=45",
                   "--config.log_every=15", "--config.checkpoint_every=45")
   assert code == 0, out
-  losses = [m["loss"] for m in metrics(tmp_path)]
-  assert losses[-1] < losses[0] - 0.1, losses
   rows = metrics(tmp_path)
-  assert rows[0]["mask_ratio_mean"] == pytest.approx(0.75)  # random masking first
-  assert rows[-1]["mask_ratio_mean"] < 0.75 and "frac_above_delta" in rows[-1]
+  losses = [m["loss"] for m in rows if "loss" in m]
+  assert losses[-1] < losses[0] - 0.1, losses
+  train_rows = [m for m in rows if "loss" in m]
+  assert train_rows[0]["mask_ratio_mean"] == pytest.approx(0.75)  # random masking first
+  assert train_rows[-1]["mask_ratio_mean"] < 0.75 and "frac_above_delta" in train_rows[-1]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["45", "90"]
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
   figs = sorted(os.listdir(tmp_path / "figures"))
   assert figs == ["step_0000045.png", "step_0000090.png"]
   assert "step 90/90" in out
+  # The representation monitor (configs/demo.py): at the start, every 4 epochs, at the end.
+  knn = {r["step"]: r for r in rows if "knn/cls_top1" in r}
+  assert sorted(knn) == [0, 60, 90], knn
+  assert all(0 <= r["knn/cls_top1"] <= 100 and 0 <= r["knn/mean_top1"] <= 100
+             for r in knn.values())
+  assert "knn step 60 ep 4.00: k-NN top-1 cls" in out and "chance 10.0%" in out
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
@@ -102,7 +110,7 @@ def test_bucketed_capacity_trains_like_maximum_capacity(tmp_path, cache):
   overrides = ["--config.epochs=3", "--config.warmup_epochs=1", "--config.random_epochs=1",
                "--config.log_every=1", "--config.checkpoint_every=100",
                "--config.figure_every=1000", "--config.masking.group=global",
-               "--config.masking.ratio_var=0.2"]
+               "--config.masking.ratio_var=0.2", "--config.evals.knn.every=0"]
   code, out = run(tmp_path / "max", cache, *overrides)
   assert code == 0, out
   code, out = run(tmp_path / "bucketed", cache, *overrides, "--config.masking.capacity=bucketed",
@@ -110,8 +118,8 @@ def test_bucketed_capacity_trains_like_maximum_capacity(tmp_path, cache):
   assert code == 0, out
   used = out.split("encoder capacities compiled: ")[1].split(" of buckets")[0]
   assert len(json.loads(used)) >= 2, out  # smaller buckets were chosen at times
-  a = [m["loss"] for m in metrics(tmp_path / "max")]
-  b = [m["loss"] for m in metrics(tmp_path / "bucketed")]
+  a = [m["loss"] for m in metrics(tmp_path / "max") if "loss" in m]
+  b = [m["loss"] for m in metrics(tmp_path / "bucketed") if "loss" in m]
   np.testing.assert_allclose(b, a, rtol=1e-5)
 
 
@@ -145,9 +153,13 @@ def test_eight_devices_with_fsdp_match_one_device(tmp_path, cache):
   code, out = run(tmp_path / "eight", cache, *overrides, "--config.mesh.fsdp=2", devices=8)
   assert code == 0, out
   assert "mesh {'data': 4, 'fsdp': 2}" in out
-  one = [m["loss"] for m in metrics(tmp_path / "one")]
-  eight = [m["loss"] for m in metrics(tmp_path / "eight")]
+  one = [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m]
+  eight = [m["loss"] for m in metrics(tmp_path / "eight") if "loss" in m]
   np.testing.assert_allclose(eight, one, rtol=2e-4)
+  # The k-NN monitor over 8 devices (features sharded, local top-k merged) equals 1 device.
+  knn = lambda w: [(m["step"], m["knn/cls_top1"], m["knn/mean_top1"]) for m in metrics(w)
+                   if "knn/cls_top1" in m]
+  assert knn(tmp_path / "eight") == knn(tmp_path / "one") and len(knn(tmp_path / "one")) == 2
 
 
 def test_two_processes_match_one_process(tmp_path, cache):
@@ -168,9 +180,11 @@ def test_two_processes_match_one_process(tmp_path, cache):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   assert "2 devices" in outs[0]
-  single = [m["loss"] for m in metrics(tmp_path / "single")]
-  multi = [m["loss"] for m in metrics(tmp_path / "multi")]
+  single = [m["loss"] for m in metrics(tmp_path / "single") if "loss" in m]
+  multi = [m["loss"] for m in metrics(tmp_path / "multi") if "loss" in m]
   np.testing.assert_allclose(multi, single, rtol=2e-4)
+  knn = lambda w: [(m["step"], m["knn/cls_top1"]) for m in metrics(w) if "knn/cls_top1" in m]
+  assert knn(tmp_path / "multi") == knn(tmp_path / "single") and knn(tmp_path / "single")
   assert sorted(os.listdir(tmp_path / "multi" / "figures")) == [
       "step_0000015.png", "step_0000030.png"]
 
