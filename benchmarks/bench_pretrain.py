@@ -54,10 +54,12 @@ def matmul_peak(dtype=jnp.bfloat16, n: int = 8192, reps: int = 10) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def build(size, method, batch, dtype, attention, img_size, device_resize=False):
+def build(size, method, batch, dtype, attention, img_size, device_resize=False, patch_size=None):
   overrides = dict(dtype=dtype, attention=attention)
   if img_size:
     overrides["img_size"] = img_size
+  if patch_size:
+    overrides["patch_size"] = patch_size
   cfg = model_config(size, **overrides)
   spec = SPECS[method]
   model = MaskedAutoencoder(cfg, rngs=nnx.Rngs(0))

@@ -42,23 +42,16 @@ FORMAT = "sbam_jax.params/1"
 WORKDIR_FORMAT = "sbam_jax.workdir/1"
 
 
-def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = False,
-                extra: dict | None = None) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def write_folder(directory: str, fill) -> None:
+  """Create `directory` atomically: `fill(tmp)` writes into a temporary folder
+  beside it, which then replaces `directory` (an existing one included) by
+  renames, so a reader never sees half of it."""
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass --force to replace it")
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".", suffix=".tmp", dir=parent)
   try:
-    ckptr = ocp.StandardCheckpointer()
-    for name, tree in {"params": params, **(extra or {})}.items():
-      ckptr.save(os.path.join(tmp, name), tree)
-      ckptr.wait_until_finished()
-    with open(os.path.join(tmp, CARD), "w") as f:
-      json.dump({"format": FORMAT, **card, "extra": sorted(extra or {})}, f, indent=2,
-                sort_keys=True)
+    fill(tmp)
     if os.path.exists(directory):
       old = tmp + ".old"
       os.replace(directory, old)
@@ -69,6 +62,25 @@ def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = Fa
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
+
+
+def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = False,
+                extra: dict | None = None) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(f"{directory} exists; pass --force to replace it")
+
+  def fill(tmp):
+    ckptr = ocp.StandardCheckpointer()
+    for name, tree in {"params": params, **(extra or {})}.items():
+      ckptr.save(os.path.join(tmp, name), tree)
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, CARD), "w") as f:
+      json.dump({"format": FORMAT, **card, "extra": sorted(extra or {})}, f, indent=2,
+                sort_keys=True)
+
+  write_folder(directory, fill)
 
 
 def read_card(directory: str, what: str) -> dict:

@@ -119,6 +119,21 @@ def test_evaluator_and_source_defined_here_plug_in_through_the_config(tmp_path):
   assert tensorboard_scalars(tmp_path, "probe/norm") == pytest.approx(probe, rel=1e-6)
 
 
+def test_monitor_evaluators_run_through_the_loop_on_any_source(tmp_path):
+  """k-NN and few-shot share one feature extraction per step; both start at step 0."""
+  c = config()
+  c.evals = {"knn": dict(type="knn", every=1, bank=64, queries=32, k=5),
+             "fs": dict(type="fewshot", every=2, shots=(2, 4), bank=64, queries=32)}
+  assert loop.run(c, str(tmp_path)) == 0
+  knn = {r["step"]: r for r in rows(tmp_path) if "knn/cls_top1" in r}
+  fs = {r["step"]: r for r in rows(tmp_path) if "fs/cls_2shot_top1" in r}
+  assert sorted(knn) == [0, 2, 4] and sorted(fs) == [0, 4]
+  keys = {f"fs/{f}_{n}shot_top1" for f in ("cls", "mean") for n in (2, 4)}
+  assert keys <= set(fs[4]) and {"knn/cls_top1", "knn/mean_top1"} <= set(knn[4])
+  # 4 flat colours: any encoder's features separate them (chance is 25 %)
+  assert knn[4]["knn/mean_top1"] > 50 and fs[4]["fs/mean_4shot_top1"] > 50
+
+
 def test_a_non_adamw_optimizer_resumes_bit_identically(tmp_path):
   spec = "sgd(momentum=0.9, nesterov=True)"
   c = config(workdir_epochs=3, optimizer=spec, checkpoint_every=4)

@@ -60,7 +60,8 @@ def final_state(workdir):
 
 def test_demo_run_learns_and_writes_everything(tmp_path, cache):
   code, out = run(tmp_path, cache, "--config.epochs=6", "--config.figure_every=45",
-                  "--config.log_every=15", "--config.checkpoint_every=45")
+                  "--config.log_every=15", "--config.checkpoint_every=45",
+                  "--config.evals.knn.every=4")
   assert code == 0, out
   rows = metrics(tmp_path)
   losses = [m["loss"] for m in rows if "loss" in m]
@@ -73,7 +74,7 @@ def test_demo_run_learns_and_writes_everything(tmp_path, cache):
   figs = sorted(os.listdir(tmp_path / "figures"))
   assert figs == ["step_0000045.png", "step_0000090.png"]
   assert "step 90/90" in out
-  # The representation monitor (configs/demo.py): at the start, every 4 epochs, at the end.
+  # The representation monitor (configs/demo.py, here every 4 epochs): start, epoch 4, end.
   knn = {r["step"]: r for r in rows if "knn/cls_top1" in r}
   assert sorted(knn) == [0, 60, 90], knn
   assert all(0 <= r["knn/cls_top1"] <= 100 and 0 <= r["knn/mean_top1"] <= 100

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
+from sbam_jax.checkpoints import write_folder
 from sbam_jax.convert import formats, hf, timm_layout
 from sbam_jax.convert.torch_io import (ConvertError, check_file_target, save_pth,
                                        save_safetensors, to_torch_state_dict)
@@ -48,26 +47,16 @@ def _write_folder(files: dict, dst: str, overwrite: bool, fmt: str) -> None:
                        f"model.safetensors): give a folder name")
   if os.path.exists(dst) and not overwrite:
     raise ConvertError(f"{dst} exists; pass --force to replace it")
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=parent)
-  try:
+
+  def fill(tmp):
     for name, content in files.items():
       if name.endswith(".json"):
         with open(os.path.join(tmp, name), "w") as f:
           json.dump(content, f, indent=2, sort_keys=True)
       else:
         save_safetensors(content, os.path.join(tmp, name), metadata={"written_by": "sbam_jax"})
-    if os.path.exists(dst):
-      old = tmp + ".old"
-      os.replace(dst, old)
-      os.replace(tmp, dst)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, dst)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+
+  write_folder(dst, fill)
 
 
 def export(params: dict, card: dict, dst: str, *, fmt: str = "mae",

@@ -19,8 +19,7 @@ import re
 
 import numpy as np
 
-from sbam_jax.data.tf_env import import_tf
-from sbam_jax.data.transforms import split_seed
+from sbam_jax.data.tf_env import import_tf, split_seed
 
 tf = import_tf()
 

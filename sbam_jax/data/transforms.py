@@ -26,12 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from sbam_jax.data.tf_env import import_tf
+from sbam_jax.data.tf_env import import_tf, split_seed
 
 tf = import_tf()
-
-def split_seed(seed, n: int):
-  return tf.unstack(tf.random.experimental.stateless_split(seed, n))
 
 
 def _randint(seed, shape, high):
