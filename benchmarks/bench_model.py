@@ -6,7 +6,8 @@ Runs on CPU and GPU alike:
   python benchmarks/bench_model.py --size base --batch 8 --steps 5
   python benchmarks/bench_model.py --size tiny --batch 256 --out results.jsonl
 
-Masking is timed on its own (salience + keep lengths + sort) and as part of
+Salience is timed alone (and reported as a fraction of each step), masking on
+its own (salience + keep lengths + sort) and as part of
 the step: random masking is the baseline, SBM (fixed keep) and SBAM (AMR)
 at maximum capacity, and SBAM with bucketed capacity (one host read a step).
 """
@@ -56,23 +57,30 @@ def compile_seconds(jitted, *args) -> float:
   return time.perf_counter() - t0
 
 
-def bench_masking(cfg, batch: int, steps: int, emit):
+def bench_masking(cfg, batch: int, steps: int, emit) -> float:
+  """Times salience alone and each plan; returns salience seconds per batch."""
   tokens = jax.random.normal(jax.random.key(0), (batch, cfg.num_patches, cfg.embed_dim)) * 0.05
   key = jax.random.key(1)
+  sal_fn = jax.jit(masking.token_salience)
+  comp = compile_seconds(sal_fn, tokens)
+  sal_sec = timed(sal_fn, tokens, steps=steps)
+  emit(bench="salience", ms=sal_sec * 1e3, samples_per_s=batch / sal_sec, compile_s=comp)
   for name in ("random", "sbm", "sbam"):
     spec = SPECS[name]
     fn = jax.jit(lambda t, k, spec=spec: masking.make_mask_plan(spec, t, k)[0])
     comp = compile_seconds(fn, tokens, key)
     sec = timed(fn, tokens, key, steps=steps)
     emit(bench="masking", method=name, ms=sec * 1e3, samples_per_s=batch / sec, compile_s=comp)
+  return sal_sec
 
 
-def bench_step(cfg, batch: int, steps: int, methods, emit):
+def bench_step(cfg, batch: int, steps: int, methods, emit) -> dict:
+  """Times forward+backward per method; returns {method: seconds per step}."""
   model = MaskedAutoencoder(cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   imgs = jax.random.normal(jax.random.key(2), (batch, cfg.img_size, cfg.img_size, 3))
   key = jax.random.key(3)
-  base = None
+  base, out = None, {}
   for name in methods:
     spec = SPECS[name]
 
@@ -103,8 +111,10 @@ def bench_step(cfg, batch: int, steps: int, methods, emit):
 
       sec = timed(run, params, imgs, key, steps=steps)
     base = sec if name == "random" else base
+    out[name] = sec
     emit(bench="fwd_bwd", method=name, ms=sec * 1e3, img_per_s=batch / sec, compile_s=comp,
          vs_random=(sec / base) if base else None)
+  return out
 
 
 def main(argv=None):
@@ -136,8 +146,10 @@ def main(argv=None):
       with open(args.out, "a") as f:
         f.write(line + "\n")
 
-  bench_masking(cfg, args.batch, args.steps, emit)
-  bench_step(cfg, args.batch, args.steps, args.methods.split(","), emit)
+  sal_sec = bench_masking(cfg, args.batch, args.steps, emit)
+  steps = bench_step(cfg, args.batch, args.steps, args.methods.split(","), emit)
+  for name, sec in steps.items():  # salience's share of a step (same batch)
+    emit(bench="salience_vs_step", method=name, ratio=sal_sec / sec)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ back a `MaskPlan` in MAE's conventions. Other MIM methods can reuse it as is.
     salience  s_hat = minmax( sum_i softmax(x x^T)_ij )          (N, L)
     SBM order score = s_hat + u,  u ~ U[0, 0.5); lowest scores are kept
     AMR ratio       r = r0 - v + 2 v * mean(#{s_hat > delta}) / L  (per group)
+                    (a salience within 1e-4 * delta of delta is a tie: not above)
     keep length     floor(L (1 - r)), clipped to [1, L - 1]
 
 Random masking (MAE) is the same machinery with zero salience, u ~ U[0, 1) and
@@ -21,7 +22,9 @@ smaller ones chosen per step (one tiny host read).
 Keep lengths use exact rational arithmetic (ratios are read as the decimals
 written, e.g. 0.1 == 1/10), so floor(196 * 0.35 - 0.2 * 3) is 68, not the 67
 that float rounding gives. The public PyTorch code neither clips nor guards a
-constant salience row; this module does both.
+constant salience row; this module does both. Salience is the exact value for
+the float32 tokens given, also when softmax rows are near one-hot, where the
+public code returns NaN and a plain float32 port zeros (`token_salience`).
 """
 
 from __future__ import annotations
@@ -151,30 +154,135 @@ def choose_capacity(max_len_keep: int, buckets: tuple[int, ...]) -> int:
   raise ValueError(f"keep length {max_len_keep} exceeds the largest capacity bucket {buckets[-1]}")
 
 
+# Machine epsilon of float32 (2^-23, twice the unit roundoff: a safety factor of 2).
+EPS32 = float(np.finfo(np.float32).eps)
+# AMR tie band: a salience within DELTA_TIE_RTOL * delta of delta is not "above" delta.
+DELTA_TIE_RTOL = 1e-4
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """s + e == a + b exactly (Knuth's TwoSum; no ordering assumption on |a|, |b|)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum("nld,nmd->nlm", a, b, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)
+
+
+def _affinity(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x x^T as an unevaluated sum hi + lo, accurate to ~2^-40 of |x_i| |x_j|.
+
+  A plain float32 matmul is off by ~1e-7 |A|: 1e-3 at the logits of ~1e4 a
+  trained encoder reaches, which moves softmax terms by 0.1 %. Split each row,
+  scaled by a power of two to |x| < 1, into two b-bit integer slices and a
+  remainder (all exact). Slice products summed over D stay below 2^24, so those
+  three matmuls are exact on any backend; the two that involve the remainder
+  (2^-2b of the row) round at ~2^-24-2b. TwoSum gathers the five terms.
+  """
+  d = x.shape[-1]
+  bits = max(1, (24 - math.ceil(math.log2(max(d, 2)))) // 2)  # D * 2^(2 bits) <= 2^24
+  _, e = jnp.frexp(jnp.abs(x).max(-1, keepdims=True))
+  row = jnp.ldexp(jnp.ones_like(x[..., :1]), e)  # 2^e > max |x_i|, exact
+  step, unit = 2.0 ** bits, row * 2.0 ** (-2 * bits)
+  t = x / row * step
+  s0 = jnp.round(t)
+  t = (t - s0) * step
+  s1 = jnp.round(t)
+  rest = (t - s1) * unit                      # exact remainder, |rest| <= unit / 2
+  head = (s0 * step + s1) * unit              # x - rest, exact
+  scale = unit * jnp.swapaxes(unit, 1, 2)     # (N, L, L) powers of two
+  g01 = _gram(s0, s1) * (scale * step)
+  cross = _gram(head, rest)
+  hi, lo = _gram(s0, s0) * (scale * step * step), jnp.zeros(())
+  for term in (g01, jnp.swapaxes(g01, 1, 2), _gram(s1, s1) * scale, cross,
+               jnp.swapaxes(cross, 1, 2), _gram(rest, rest)):
+    hi, err = _two_sum(hi, term)
+    lo = lo + err
+  return hi, lo
+
+
+def outgoing_attention(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(shifted outgoing attention d, its rounding bound B): (N, L), (N, 1).
+
+  d_j = e^-M (s_j - 1) = e^-M sum_{i != j} (P_ij - P_ji), with M the image's
+  largest off-diagonal log-probability, so the largest term is ~1 however
+  one-hot the rows are (a plain float32 s_j - 1 underflows to 0 once
+  off-diagonal terms fall below ~1e-38). Rescaling by e^-M and dropping the
+  constant 1 leave min-max unchanged. Logits come from `_affinity`; the row
+  shift (A_ij - max_k A_ik) is formed exactly; terms below e^-87 of the largest
+  flush to zero (< 1e-37 of the spread).
+
+  B bounds the float32 rounding of the spread max d - min d: each d_j is a sum
+  of L - 1 differences of terms Q = e^-M P, each with relative error <= 4 eps
+  (exp, shift, normalisation, logits), so
+      |err d_j| <= 4 eps sum_i (Q_ij + Q_ji) + (L - 1) eps sum_i |Q_ij - Q_ji|
+  and B = 2 eps max_j [8 sum_i (Q_ij + Q_ji) + L sum_i |Q_ij - Q_ji|]
+  (eps = 2^-23, twice the unit roundoff).
+  """
+  x = jax.lax.stop_gradient(tokens).astype(jnp.float32)
+  n, L, _ = x.shape
+  hi, lo = _affinity(x)
+  u_hi, u_lo = _two_sum(hi, -hi.max(-1, keepdims=True))
+  u_lo = u_lo + lo
+  z = jnp.exp(u_hi + u_lo).sum(-1, keepdims=True)      # softmax denominators, in [1, L]
+  off = ~jnp.eye(L, dtype=bool)
+  top = jnp.where(off, u_hi - jnp.log(z), -jnp.inf).max(axis=(1, 2), keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)         # L = 1: no off-diagonal term
+  q = jnp.where(off, jnp.exp((u_hi - top) + u_lo) / z, 0.0)
+  anti = q - jnp.swapaxes(q, 1, 2)                     # Q_ij - Q_ji
+  shifted = anti.sum(axis=1)
+  size = q.sum(axis=1) + q.sum(axis=2)
+  bound = 2 * EPS32 * (8 * size + L * jnp.abs(anti).sum(axis=1)).max(-1, keepdims=True)
+  return shifted, bound
+
+
 def token_salience(tokens: jax.Array) -> jax.Array:
   """Outgoing-attention salience, (N, L, D) -> (N, L) float32 in [0, 1].
 
-  A = x x^T (no scale, float32, full matmul precision: logits reach ~1e3, and
-  TF32 / bf16 passes would reorder tokens); row softmax; column sums; per-image
-  min-max. The column sums are computed shifted by the (exactly 1) row sums,
-  which min-max ignores, to avoid cancellation. A constant row (max == min)
-  gives zeros instead of NaN. No gradient.
+  The exact value of: A = x x^T (no scale), row softmax, column sums
+  s_j = sum_i P_ij, per-image min-max; computed on the float32 tokens given,
+  within ~1e-7 of a float64 reference (2e-5 when rows are near uniform and the
+  spread is ~0.5 % of the sums), at logits from 1 to 1e4, near one-hot rows
+  included (see `outgoing_attention`).
+
+  A row whose spread is within its rounding bound B (`outgoing_attention`;
+  ~(8 + L) eps of the sums' size) cannot be told from a constant row: zeros,
+  like a constant row, instead of rounding noise stretched to [0, 1] (identical
+  tokens at L = 196 gave a spread of ~1e-7 before). Normalised values carry an
+  error of at most ~B / spread. No gradient.
   """
-  x = jax.lax.stop_gradient(tokens).astype(jnp.float32)
-  affinity = jnp.einsum("nld,nmd->nlm", x, x, precision=jax.lax.Precision.HIGHEST,
-                        preferred_element_type=jnp.float32)
-  attn = jax.nn.softmax(affinity, axis=-1)
-  # s_j = sum_i P_ij; rows of P sum to 1, so s_j - 1 = sum_i P_ij - sum_k P_jk,
-  # where the diagonal P_jj cancels exactly. Summing only off-diagonal terms
-  # keeps float32 precision when rows are near one-hot (s_j = 1 + tiny), which
-  # a plain column sum loses before min-max normalisation magnifies it.
-  L = attn.shape[-1]
-  off = jnp.where(jnp.eye(L, dtype=bool), 0.0, attn)
-  outgoing = off.sum(axis=1) - off.sum(axis=2)
-  lo = outgoing.min(axis=-1, keepdims=True)
-  span = outgoing.max(axis=-1, keepdims=True) - lo
-  safe = jnp.where(span > 0, span, 1.0)
-  return jnp.where(span > 0, (outgoing - lo) / safe, 0.0)
+  shifted, bound = outgoing_attention(tokens)
+  lo = shifted.min(axis=-1, keepdims=True)
+  span = shifted.max(axis=-1, keepdims=True) - lo
+  ok = span > bound
+  return jnp.where(ok, (shifted - lo) / jnp.where(ok, span, 1.0), 0.0)
+
+
+def delta_band(delta, tie_rtol: float = DELTA_TIE_RTOL):
+  """Half-width of the AMR tie band around delta (0 for delta = 0)."""
+  return tie_rtol * abs(delta)
+
+
+def salient_counts(salience: jax.Array, delta: float,
+                   tie_rtol: float = DELTA_TIE_RTOL) -> jax.Array:
+  """y = #{s_hat > delta + band} per sample, (N,) int32.
+
+  Salience within the band of delta is a tie, not "above": on texture-like
+  images near one-hot rows leave ~190 of 196 tokens within 1e-9 of 0.5, and
+  whether they land above 0.5 is decided by rounding in any float32
+  implementation; with the band they deterministically do not count.
+  """
+  return (salience > delta + delta_band(delta, tie_rtol)).sum(axis=-1, dtype=jnp.int32)
+
+
+def in_delta_band(salience: jax.Array, delta: float,
+                  tie_rtol: float = DELTA_TIE_RTOL) -> jax.Array:
+  """(N,) bool: the sample has a token inside the tie band (its count was
+  decided by the band, not by a clear margin)."""
+  return (jnp.abs(salience - delta) <= delta_band(delta, tie_rtol)).any(axis=-1)
 
 
 def _keep_thresholds(num_tokens: int, mask_ratio, ratio_var, group_size: int) -> np.ndarray:
@@ -196,10 +304,11 @@ def _keep_thresholds(num_tokens: int, mask_ratio, ratio_var, group_size: int) ->
 
 
 def amr_keep_lengths(salience: jax.Array, *, mask_ratio: float, ratio_var: float, delta: float,
-                     group_size: Optional[int]) -> jax.Array:
+                     group_size: Optional[int], tie_rtol: float = DELTA_TIE_RTOL) -> jax.Array:
   """AMR keep lengths (N,) int32: `group_size` consecutive samples share one ratio.
 
-  y_j = #{s_hat > delta}; r = r0 - v + 2 v mean_group(y) / L;
+  y = #{s_hat > delta} (ties within `tie_rtol` * delta of delta do not count,
+  see `salient_counts`); r = r0 - v + 2 v mean_group(y) / L;
   len_keep = floor(L (1 - r)) clipped to [1, L - 1]. With v = 0 this is
   floor(L (1 - r0)) for every sample (SBM). group_size None = whole batch.
   """
@@ -209,7 +318,7 @@ def amr_keep_lengths(salience: jax.Array, *, mask_ratio: float, ratio_var: float
     raise ValueError(f"batch of {n} samples does not split into AMR groups of {g}")
   if ratio_var == 0:
     return jnp.full((n,), fixed_keep_length(L, mask_ratio), jnp.int32)
-  count = (salience > delta).sum(axis=-1, dtype=jnp.int32)
+  count = salient_counts(salience, delta, tie_rtol)
   group_count = count.reshape(n // g, g).sum(axis=-1)
   thresholds = jnp.asarray(_keep_thresholds(L, mask_ratio, ratio_var, g))
   keep = (group_count[:, None] <= thresholds[None, :]).sum(axis=-1, dtype=jnp.int32)
@@ -271,15 +380,20 @@ def make_mask_plan(spec: MaskingSpec, tokens: jax.Array, rng: Optional[jax.Array
                         delta=spec.delta, group_size=spec.group_size, noise=noise)
 
 
-def masking_stats(plan: MaskPlan, salience: Optional[jax.Array], delta: float) -> dict:
+def masking_stats(plan: MaskPlan, salience: Optional[jax.Array], delta: float,
+                  tie_rtol: float = DELTA_TIE_RTOL) -> dict:
   """Scalars worth logging each step: masking ratio mean/min/max, fraction of
-  tokens above delta, mean salience entropy (of s_hat normalised to sum 1)."""
+  tokens counted above delta (tie band applied, as AMR counts), mean salience
+  entropy (of s_hat normalised to sum 1), and `frac_delta_band`: the fraction
+  of images with a token inside the tie band, whose AMR count the band decided
+  (degenerate, near one-hot images)."""
   L = plan.mask.shape[-1]
   ratio = 1.0 - plan.len_keep.astype(jnp.float32) / L
   stats = {"mask_ratio_mean": ratio.mean(), "mask_ratio_min": ratio.min(),
            "mask_ratio_max": ratio.max()}
   if salience is not None:
-    stats["frac_above_delta"] = (salience > delta).mean()
+    stats["frac_above_delta"] = salient_counts(salience, delta, tie_rtol).mean() / L
+    stats["frac_delta_band"] = in_delta_band(salience, delta, tie_rtol).mean()
     p = salience / jnp.maximum(salience.sum(-1, keepdims=True), 1e-12)
     stats["salience_entropy"] = -(p * jnp.log(jnp.where(p > 0, p, 1.0))).sum(-1).mean()
   return stats

@@ -11,21 +11,34 @@ from sbam_jax import masking
 from torch_reference import exact_keep_length
 
 
-def np_salience(x):
-  """Float64 numpy: A = x x^T, row softmax, column sums, guarded min-max."""
+def np_outgoing(x):
+  """Float64, log domain: (d, span, B) with d_j = e^-M (s_j - 1), M the largest
+  off-diagonal log-probability, B the documented float32 rounding bound of the
+  spread (evaluated on these exact terms)."""
   x = np.asarray(x, np.float64)
+  L = x.shape[1]
   a = x @ np.swapaxes(x, -1, -2)
-  a = np.exp(a - a.max(-1, keepdims=True))
-  a /= a.sum(-1, keepdims=True)
-  s = a.sum(axis=1)
-  lo, hi = s.min(-1, keepdims=True), s.max(-1, keepdims=True)
-  span = hi - lo
-  return np.where(span > 0, (s - lo) / np.where(span > 0, span, 1), 0.0)
+  m = a.max(-1, keepdims=True)
+  logp = a - m - np.log(np.exp(a - m).sum(-1, keepdims=True))
+  logp = np.where(np.eye(L, dtype=bool), -np.inf, logp)
+  q = np.exp(logp - logp.max(axis=(1, 2), keepdims=True))
+  anti = q - np.swapaxes(q, 1, 2)
+  d = anti.sum(axis=1)
+  eps = float(np.finfo(np.float32).eps)
+  bound = 2 * eps * (8 * (q.sum(1) + q.sum(2)) + L * np.abs(anti).sum(1)).max(-1)
+  return d, d.max(-1) - d.min(-1), bound
 
 
-def np_keep_lengths(sal, r0, v, delta, g):
+def np_salience(x):
+  """Exact salience of float32 tokens: min-max of d, zeros where span <= B."""
+  d, span, bound = np_outgoing(x)
+  ok = (span > bound)[:, None]
+  return np.where(ok, (d - d.min(-1, keepdims=True)) / np.where(ok, span[:, None], 1), 0.0)
+
+
+def np_keep_lengths(sal, r0, v, delta, g, tie_rtol=masking.DELTA_TIE_RTOL):
   n, L = sal.shape
-  y = (sal > delta).sum(-1)
+  y = (sal > delta + tie_rtol * delta).sum(-1)
   out = []
   for i in range(0, n, g):
     out += [exact_keep_length(L, r0, v, fractions.Fraction(int(y[i:i + g].sum()), g))] * g
@@ -206,6 +219,11 @@ def test_masking_stats():
   assert np.isclose(st["mask_ratio_mean"], (0.75 + 0.5) / 2)
   assert np.isclose(st["mask_ratio_min"], 0.5) and np.isclose(st["mask_ratio_max"], 0.75)
   assert np.isclose(st["frac_above_delta"], 2 / 8)
+  assert np.isclose(st["frac_delta_band"], 0.0)
   p = np.array([0.0, 0.6, 1.0, 0.2]) / 1.8
   ent = -(p[p > 0] * np.log(p[p > 0])).sum()
   assert np.isclose(st["salience_entropy"], ent / 2, atol=1e-6)
+  # 0.50004 is inside the tie band (5e-5 at delta 0.5): a tie, not above.
+  tie = jnp.asarray([[0.0, 0.50004, 1.0, 0.2], [0.0, 0.50006, 0.0, 0.0]])
+  st = masking.masking_stats(plan, tie, 0.5)
+  assert np.isclose(st["frac_delta_band"], 0.5) and np.isclose(st["frac_above_delta"], 2 / 8)

@@ -197,11 +197,13 @@ def torch_salience(tokens: torch.Tensor) -> torch.Tensor:
                      torch.zeros_like(s))
 
 
-def torch_sbam_ids(tokens, noise, mask_ratio, ratio_var, delta, group_size):
-  """(ids_shuffle, len_keep list) for SBM/AMR with explicit noise."""
+def torch_sbam_ids(tokens, noise, mask_ratio, ratio_var, delta, group_size, tie_rtol=1e-4):
+  """(ids_shuffle, len_keep list) for SBM/AMR with explicit noise. A salience
+  within tie_rtol * delta of delta is a tie, not above (the documented AMR
+  rule: SPEC section 2, "AMR near the threshold")."""
   s = torch_salience(tokens)
   n, L = s.shape
-  counts = (s > delta).sum(dim=-1).tolist()
+  counts = (s > delta + tie_rtol * delta).sum(dim=-1).tolist()
   keep = []
   for g in range(0, n, group_size):
     mean = fractions.Fraction(sum(counts[g:g + group_size]), group_size)
