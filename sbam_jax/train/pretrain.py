@@ -30,7 +30,7 @@ from sbam_jax.train.task import Task
 from sbam_jax.train.weights import model_card, take
 
 STAT_KEYS = ("mask_ratio_mean", "mask_ratio_min", "mask_ratio_max", "frac_above_delta",
-             "salience_entropy")
+             "frac_delta_band", "salience_entropy")
 
 
 @dataclasses.dataclass(frozen=True)
