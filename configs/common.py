@@ -36,13 +36,6 @@ def masking(method: str = "sbam", **overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def data(**overrides) -> ml_collections.ConfigDict:
-  """Where images come from (sbam_jax.config.DataConfig)."""
-  cfg = config_lib.defaults(config_lib.DataConfig)
-  cfg.update(overrides)
-  return cfg
-
-
 def knn_monitor(every: int, bank: int, queries: int, **more) -> dict:
   """The representation monitor of pre-training: weighted k-NN (DINO's) on
   frozen encoder features, a fixed seeded bank of training images against a

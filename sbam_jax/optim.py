@@ -155,6 +155,20 @@ def param_table(rules: dict) -> list[str]:
           for key, (shape, decay, s) in rules.items()]
 
 
+def check_update(tx, params, spec: str) -> None:
+  """Trace one update on abstract parameters: a wrong argument value fails
+  here, as a ConfigError, not inside the first compiled step."""
+  try:
+    jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
+  except (TypeError, ValueError, AttributeError) as e:
+    raise ConfigError(f"optimizer {spec!r} cannot update the parameters: {e}") from None
+
+
+def has_adam_state(state) -> bool:
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+  return any(is_adam(s) for s in jax.tree.leaves(state, is_leaf=is_adam))
+
+
 def adamw_state(optimizer, params, mu, nu, count: int):
   """An optax AdamW state for `params` holding the given moments and step count.
 
@@ -211,6 +225,11 @@ def build(spec: str, lr_fn, *, decay_mask, scales=None, defaults: dict | None = 
   takes them; `args` (config.optimizer_args and the spec's own) override."""
   name, own = parse_name(spec)
   kwargs = {**(args or {}), **own}
+  reserved = sorted(set(kwargs) & {"learning_rate", "lr_fn", "decay_mask", "scales", "mask"})
+  if reserved:
+    raise ConfigError(f"optimizer {name!r}: {', '.join(reserved)} come from the recipe "
+                      f"(the lr schedule, the weight-decay mask, layer-wise scales), not from "
+                      f"its arguments")
   custom = name in registry.names("optimizer")
   fn = registry.lookup("optimizer", name) if custom else getattr(optax, name, None)
   if name.startswith("_") or not callable(fn):
@@ -222,6 +241,9 @@ def build(spec: str, lr_fn, *, decay_mask, scales=None, defaults: dict | None = 
                       f"{', '.join(registry.names('optimizer'))} or any optax optimizer "
                       f"(sgd, lamb, adafactor, ...)")
   accepted = inspect.signature(fn).parameters
+  if not custom and next(iter(accepted), None) != "learning_rate":
+    raise ConfigError(f"optax.{name} is not an optimizer (its first argument is not "
+                      f"learning_rate); name one such as adamw, sgd, lamb, adafactor")
   kwargs = {**{k: v for k, v in (defaults or {}).items() if k in accepted}, **kwargs}
   if custom:
     kwargs.update(decay_mask=decay_mask, scales=scales)
@@ -229,8 +251,9 @@ def build(spec: str, lr_fn, *, decay_mask, scales=None, defaults: dict | None = 
     kwargs["mask"] = decay_mask
   unknown = sorted(set(kwargs) - set(accepted))
   if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+    internal = ("learning_rate", "lr_fn", "decay_mask", "scales", "mask")
     raise ConfigError(f"optimizer {name!r} takes no argument {', '.join(unknown)}; it takes "
-                      f"{', '.join(k for k in accepted if k != 'learning_rate')}")
+                      f"{', '.join(k for k in accepted if k not in internal)}")
   try:
     tx = fn(lr_fn, **kwargs)
   except (TypeError, ValueError) as e:

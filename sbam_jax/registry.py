@@ -5,9 +5,10 @@ A config names what it wants (`task = "pretrain"`, `evals.knn.type = "knn"`,
 into the class or function. Plug-ins register themselves with `@register`;
 the built-in ones are imported on first lookup (by module name, so the
 registry imports nothing of the project and no import circle can pass
-through it). A name of the form `package.module:attr` imports that module
-and takes the attribute, so a plug-in defined anywhere works without
-registration.
+through it). For tasks, evaluators and sources a name of the form
+`package.module:attr` imports that module and takes the attribute, so a
+plug-in defined anywhere works without registration (optimizers are a
+registered name or an optax optimizer, see optim.build).
 """
 
 from __future__ import annotations

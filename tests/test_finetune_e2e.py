@@ -33,7 +33,7 @@ def train(config, workdir, cache, *overrides):
 def evals(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return [r for r in rows if "val/top1" in r]
+  return [r for r in rows if "eval/top1" in r]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_finetune_learns_and_eval_only_reproduces_it(pretrained, finetuned, tmp_
   assert "initialised fresh: fc_norm, head" in out
   assert "layer-wise lr scales: blocks.0 0.5625, blocks.1 0.75" in out
   rows = evals(ft)
-  assert len(rows) == 10 and all(r["val/count"] == 160 for r in rows)  # every epoch, every image
+  assert len(rows) == 10 and all(r["eval/count"] == 160 for r in rows)  # every epoch, every image
   final = rows[-1]
-  assert final["val/top1"] >= 40.0, rows  # 10 classes: chance is 10 %
+  assert final["eval/top1"] >= 40.0, rows  # 10 classes: chance is 10 %
   table = open(ft / "param_groups.txt").read()
   assert "pos_embed" in table and "wd=no" in table
 
@@ -74,12 +74,12 @@ def test_finetune_learns_and_eval_only_reproduces_it(pretrained, finetuned, tmp_
                     f"--config.init_from={ft}")
   assert code == 0, out
   again = evals(ev)[-1]
-  assert again["val/count"] == 160
-  assert again["val/top1"] == final["val/top1"] and again["val/top5"] == final["val/top5"]
-  assert again["val/loss"] == pytest.approx(final["val/loss"], rel=1e-6)
+  assert again["eval/count"] == 160
+  assert again["eval/top1"] == final["eval/top1"] and again["eval/top5"] == final["eval/top5"]
+  assert again["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-6)
   # ... and in its own workdir (the latest checkpoint), as --eval --resume.
   code, out = train("demo_finetune.py", ft, cache, "--config.eval_only=True")
-  assert code == 0 and f"top-1 {final['val/top1']:.3f}%" in out, out
+  assert code == 0 and f"top-1 {final['eval/top1']:.3f}%" in out, out
 
 
 def test_linear_probe_keeps_the_encoder_bit_identical(pretrained, tmp_path):
@@ -95,7 +95,7 @@ def test_linear_probe_keeps_the_encoder_bit_identical(pretrained, tmp_path):
   for key in ("blocks", "cls_token", "patch_embed", "pos_embed", "norm"):
     for a, b in zip(_leaves(after["encoder"][key]), _leaves(before["encoder"][key])):
       np.testing.assert_array_equal(a, b)
-  assert evals(lin)[-1]["val/top1"] >= 30.0
+  assert evals(lin)[-1]["eval/top1"] >= 30.0
 
 
 def _leaves(tree):
@@ -138,9 +138,9 @@ def test_two_processes_evaluate_the_split_exactly_once(pretrained, finetuned, tm
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   got = evals(tmp_path / "ev2")[-1]  # 160 images, 2 x 24 per batch: 32 padding slots
-  assert got["val/count"] == 160
-  assert got["val/top1"] == final["val/top1"] and got["val/top5"] == final["val/top5"]
-  assert got["val/loss"] == pytest.approx(final["val/loss"], rel=1e-5)
+  assert got["eval/count"] == 160
+  assert got["eval/top1"] == final["eval/top1"] and got["eval/top5"] == final["eval/top5"]
+  assert got["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
 
 
 def test_a_finetune_workdir_exports_to_pytorch(finetuned, tmp_path):

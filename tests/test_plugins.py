@@ -147,8 +147,13 @@ def test_a_non_adamw_optimizer_resumes_bit_identically(tmp_path):
   assert sa == sb == 6
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert "trace" in str(jax.tree.structure(a["opt_state"])) or len(jax.tree.leaves(
-      a["opt_state"])) == len(jax.tree.leaves(a["params"]))
+  # Another optimizer cannot continue these checkpoints: one clear error, nothing written.
+  before = sorted(os.listdir(resumed / "checkpoints"))
+  c.optimizer = "adamw"
+  with pytest.raises(C.ConfigError, match="holds checkpoints of optimizer 'sgd\\(momentum=0.9, "
+                                          "nesterov=True\\)'.*asks for 'adamw'"):
+    loop.run(c, str(resumed))
+  assert sorted(os.listdir(resumed / "checkpoints")) == before
 
 
 def test_optimizers_by_name_equal_their_optax_definition():
@@ -173,16 +178,53 @@ def test_optimizers_by_name_equal_their_optax_definition():
     ("sgdd", "optimizer='sgdd' is not a known optimizer \\(did you mean 'sgd'\\?\\)"),
     ("sgd(momentum=0.9, betas=1)", "optimizer 'sgd' takes no argument betas"),
     ("sgd(0.9)", "write a name, or name\\(key=value, ...\\)"),
+    ("clip", "optax.clip is not an optimizer"),
+    ("sgd(decay_mask=None)", "decay_mask come from the recipe"),
 ])
 def test_bad_optimizer_names_are_one_clear_error(spec, message):
   with pytest.raises(C.ConfigError, match=message):
     optim.build(spec, 0.1, decay_mask={})
 
 
+def test_a_bad_optimizer_argument_fails_before_compiling():
+  params = {"w": jax.ShapeDtypeStruct((3, 2), np.float32)}
+  tx = optim.build("adamw", 0.1, decay_mask={"w": True}, args={"b1": "x"})
+  with pytest.raises(C.ConfigError, match="optimizer 'adamw' cannot update the parameters"):
+    optim.check_update(tx, params, "adamw")
+
+
+@registry.register("source", "test_train_only")
+class TrainOnlySource(MemorySource):
+  @classmethod
+  def from_config(cls, data, split):
+    if split != "train":
+      raise sources.DataError(f"no split {split!r} here")
+    return cls(split)
+
+
+def test_monitor_without_an_eval_split_queries_held_out_training_images(tmp_path, capsys):
+  from sbam_jax.evals import monitor
+  from sbam_jax.train import pretrain
+  c = config()
+  c.data.source = "test_train_only"
+  task = pretrain.PretrainTask(c, str(tmp_path))
+  ev = monitor.KnnEvaluator(task, name="knn", bank=40, queries=20)
+  bank, queries = ev.features.bank_source, ev.features.query_source
+  assert (bank.num_examples, queries.num_examples) == (40, 20)
+  assert not set(bank.indices) & set(queries.indices)
+  assert "evals.knn: the data has no eval split" in capsys.readouterr().out
+  with pytest.raises(sources.DataError, match="evals.knn.split: no split 'test'"):
+    monitor.KnnEvaluator(task, name="knn", bank=40, queries=20, split="test", seed=1)
+
+
 @pytest.mark.parametrize("evals,message", [
     ({"x": dict(every=1)}, "evals.x needs a type"),
     ({"x": dict(type="knnn")}, "evals.x.type='knnn' is not a known evaluator \\(did you mean 'knn'\\?\\)"),
-    ({"x": dict(type="test_param_norm", scael=2.0)}, "evals.x: .*scael"),
+    ({"x": dict(type="test_param_norm", scael=2.0)},
+     "unknown config field evals.x.scael \\(did you mean evals.x.scale\\?\\)"),
+    ({"x": 5}, "evals.x must be a dict"),
+    ({"x": dict(type="knn", every=0.5)}, "evals.x.every must be a whole number"),
+    ({"x": dict(type="knn", bank=0)}, "evals.x.bank and evals.x.queries must be >= 1"),
 ])
 def test_bad_evaluator_entries_are_one_clear_error(tmp_path, evals, message):
   c = config()

@@ -12,7 +12,7 @@ orders, shards, decodes and batches them. What a source provides:
                                 bytes, run in the parallel decode map (file
                                 reads go here)
   element_name(pipe, epoch, offset, index)   what a failed element was
-  subset(count, seed)           a fixed, seeded part of it (evaluation banks)
+  subsets(counts, seed)         fixed, seeded, disjoint parts (evaluation banks)
   from_config(data, split)      build it from `config.data` (a DataConfig)
 
 `IndexedSource` implements all of it for anything with random access to its
@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 
 from sbam_jax import registry
-from sbam_jax.errors import DataError
+from sbam_jax.errors import ConfigError, DataError
 
 __all__ = ["DataError", "IndexedSource", "FolderSource", "TfdsSource", "SyntheticSource",
            "folder_source", "tfds_source", "build_source"]
@@ -55,6 +55,9 @@ def _utf8(value) -> bytes:
 def build_source(data, split: Optional[str] = None):
   """The source `data.source` names, for `split` (default `data.split`)."""
   cls = registry.lookup("source", data.source, where="data.source")
+  if not callable(getattr(cls, "from_config", None)):
+    raise ConfigError(f"data.source={data.source!r} names {cls!r}, which has no "
+                      f"from_config(data, split): see the sources.py docstring")
   return cls.from_config(data, split or data.split)
 
 
@@ -93,10 +96,19 @@ class IndexedSource:
   def name_of(self, position: int) -> str:
     return f"{self.describe()} record {position}"
 
-  def subset(self, count: int, seed: int) -> "IndexedSource":
-    count = min(int(count), self.num_examples)
-    chosen = np.sort(np.random.default_rng(seed).permutation(self.num_examples)[:count])
-    return Subset(self, chosen)
+  def subsets(self, counts, seed: int) -> list:
+    """Disjoint, fixed, seeded subsets of the given sizes (each at most what
+    is left), in the order of the source."""
+    order = np.random.default_rng(seed).permutation(self.num_examples)
+    out, start = [], 0
+    for count in counts:
+      part = order[start:start + int(count)]
+      start += len(part)
+      if not len(part):
+        raise DataError(f"{self.describe()} has {self.num_examples} examples, too few for "
+                        f"disjoint subsets of {list(counts)}")
+      out.append(Subset(self, np.sort(part)))
+    return out
 
 
 class Subset(IndexedSource):
@@ -118,9 +130,6 @@ class Subset(IndexedSource):
   def name_of(self, position: int) -> str:
     return self.parent.name_of(int(self.indices[position]))
 
-  @property
-  def labels(self) -> np.ndarray:
-    return self.parent.records(self.indices)[1]
 
 
 @registry.register("source", "folder")
@@ -211,11 +220,23 @@ class TfdsSource:
   def reader(self):
     return None
 
-  def subset(self, count: int, seed: int) -> "TfdsSource":
-    """The first `count` examples of the split (tfds slicing; fixed, not shuffled)."""
+  def subsets(self, counts, seed: int) -> list:
+    """Consecutive slices from the start of the split (tfds slicing: fixed
+    but not shuffled; `seed` is unused)."""
     del seed
-    count = min(int(count), self.num_examples)
-    return dataclasses.replace(self, split=f"{self.split}[:{count}]", num_examples=count)
+    if any(c in self.split for c in "[+"):
+      raise DataError(f"tfds split {self.split!r} is already a slice or a sum; subsets are "
+                      f"taken from a whole split (e.g. 'train', 'validation')")
+    out, start = [], 0
+    for count in counts:
+      stop = min(start + int(count), self.num_examples)
+      if stop <= start:
+        raise DataError(f"{self.describe()} has {self.num_examples} examples, too few for "
+                        f"disjoint subsets of {list(counts)}")
+      out.append(dataclasses.replace(self, split=f"{self.split}[{start}:{stop}]",
+                                     num_examples=stop - start))
+      start = stop
+    return out
 
   def elements(self, pipe, epoch: int, offset: int):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

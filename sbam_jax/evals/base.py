@@ -16,9 +16,10 @@ output, `metrics.jsonl` and TensorBoard without knowing the keys.
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Mapping, Optional
 
 from sbam_jax import registry
+from sbam_jax.config import check_known
 from sbam_jax.errors import ConfigError
 
 
@@ -57,22 +58,34 @@ class Evaluator:
     return None
 
 
-def build_evaluators(task, evals: dict) -> list:
+def _arguments(cls) -> list:
+  """The keyword arguments an evaluator class takes (its own and the base's)."""
+  names = []
+  for klass in cls.__mro__:
+    init = klass.__dict__.get("__init__")
+    if init is not None and klass is not object:
+      names += [p.name for p in inspect.signature(init).parameters.values()
+                if p.kind == p.KEYWORD_ONLY and p.name not in names]
+  return names
+
+
+def build_evaluators(task, evals: Mapping) -> list:
   """One evaluator per entry of `config.evals` (sorted by name)."""
   out = []
   for name in sorted(evals):
+    if not isinstance(evals[name], Mapping):
+      raise ConfigError(f"evals.{name} must be a dict, e.g. dict(type='knn', every=1), "
+                        f"got {evals[name]!r}")
     spec = dict(evals[name])
     kind = spec.pop("type", None)
     if not kind:
       raise ConfigError(f"evals.{name} needs a type, e.g. dict(type='knn', every=1); known: "
                         f"{', '.join(registry.names('evaluator'))}")
     cls = registry.lookup("evaluator", kind, where=f"evals.{name}.type")
-    accepted = inspect.signature(cls.__init__).parameters
-    open_kw = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
-    unknown = sorted(k for k in spec if k not in accepted and not open_kw)
-    if unknown:
-      raise ConfigError(f"evals.{name}: evaluator {kind!r} takes no {', '.join(unknown)}; it "
-                        f"takes {', '.join(k for k in accepted if k not in ('self', 'task'))}")
+    check_known(spec, [a for a in _arguments(cls) if a != "name"], f"evals.{name}")
+    every = spec.get("every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
+      raise ConfigError(f"evals.{name}.every must be a whole number of epochs, got {every!r}")
     try:
       out.append(cls(task, name=name, **spec))
     except TypeError as e:

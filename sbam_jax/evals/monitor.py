@@ -6,7 +6,8 @@ linear evaluator.)
 Both evaluators read the unmasked encoder's features (`task.features_fn`:
 the cls token and the mean of the patch tokens, each reported) of two fixed,
 seeded subsets: a labelled `bank` of the training split and `queries` of the
-eval split, through the eval transform (resize + centre crop). Fixed subsets
+eval split (or, for data without one, training images disjoint from the
+bank), through the eval transform (resize + centre crop). Fixed subsets
 make the numbers comparable along a run and across runs. Features stay
 sharded over the mesh as they were computed (representation.py); nothing
 gathers the bank onto one device.
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 from sbam_jax import registry
 from sbam_jax.data import device as device_ops
-from sbam_jax.errors import DataError
+from sbam_jax.errors import ConfigError, DataError
 from sbam_jax.evals import representation as rep
 from sbam_jax.evals.base import Evaluator
 from sbam_jax.evals.classification import eval_batches
@@ -38,21 +39,35 @@ class _Features:
   """Bank and query features of the latest evaluated step, shared by the
   monitor evaluators of one task."""
 
-  def __init__(self, task, bank: int, queries: int, seed: int, split: str, batch_size: int):
+  def __init__(self, task, bank: int, queries: int, seed: int, split: str, batch_size: int,
+               where: str):
     cfg = task.config
+    if bank < 1 or queries < 1:
+      raise ConfigError(f"{where}.bank and {where}.queries must be >= 1, got {bank}, {queries}")
     self.task = task
-    split = split or cfg.data.eval_split_name()
-    try:
-      self.bank_source = task.source().subset(bank, seed)
-      self.query_source = task.source(split).subset(queries, seed + 1)
-    except DataError as e:
-      raise DataError(f"representation monitor: {e} (turn it off with "
-                      f"--config.evals.<name>.every=0)") from None
+    self.bank_source, self.query_source = self._subsets(task, bank, queries, seed, split, where)
     self.num_classes = len(self.bank_source.classes)
     self.batch_size = batch_size or cfg.batch_size // cfg.accum_steps
     features = task.features_fn()
     self.fn = lambda state, images: features(state, device_ops.normalize(images, jnp.float32))
     self._step, self._sets = None, None
+
+  @staticmethod
+  def _subsets(task, bank, queries, seed, split, where):
+    """The bank from the training split; queries from `split` (default: the
+    eval split), or, when the data has no eval split and none was asked
+    for, from training images disjoint from the bank."""
+    train = task.source()
+    try:
+      query_source = task.source(split or task.config.data.eval_split_name())
+    except DataError as e:
+      if split:
+        raise DataError(f"{where}.split: {e}") from None
+      if task.process == 0:
+        print(f"{where}: the data has no eval split ({e}); its queries are {queries} training "
+              f"images disjoint from the bank", flush=True)
+      return tuple(train.subsets([bank, queries], seed))
+    return train.subsets([bank], seed)[0], query_source.subsets([queries], seed + 1)[0]
 
   def __call__(self, state):
     step = int(state.step)
@@ -64,11 +79,11 @@ class _Features:
     return self._sets
 
 
-def _shared(task, **kwargs) -> _Features:
+def _shared(task, where: str, **kwargs) -> _Features:
   cache = task.__dict__.setdefault("_monitor_features", {})
   key = tuple(sorted(kwargs.items()))
   if key not in cache:
-    cache[key] = _Features(task, **kwargs)
+    cache[key] = _Features(task, where=where, **kwargs)
   return cache[key]
 
 
@@ -81,8 +96,8 @@ class KnnEvaluator(Evaluator):
                batch_size: int = 0, first: bool = True, **base):
     super().__init__(task, first=first, **base)
     self.k, self.temperature = int(k), float(temperature)
-    self.features = _shared(task, bank=bank, queries=queries, seed=seed, split=split,
-                            batch_size=batch_size)
+    self.features = _shared(task, f"evals.{self.name}", bank=bank, queries=queries, seed=seed,
+                            split=split, batch_size=batch_size)
 
   def run(self, state) -> dict:
     (bank, bank_y, bank_ok), (query, query_y, query_ok) = self.features(state)
@@ -111,8 +126,8 @@ class FewshotEvaluator(Evaluator):
                split: str = "", batch_size: int = 0, first: bool = True, **base):
     super().__init__(task, first=first, **base)
     self.shots, self.l2_reg, self.seed = tuple(int(n) for n in shots), float(l2_reg), seed
-    self.features = _shared(task, bank=bank, queries=queries, seed=seed, split=split,
-                            batch_size=batch_size)
+    self.features = _shared(task, f"evals.{self.name}", bank=bank, queries=queries, seed=seed,
+                            split=split, batch_size=batch_size)
     self._picks: dict = {}
 
   def _indices(self, bank_y, bank_ok, n: int):

@@ -198,7 +198,7 @@ class ClassifyConfig(config_lib.TrainConfig):
   rand_augment: str = "rand-m9-mstd0.5-inc1"   # '' = off
   reprob: float = 0.25          # random erasing probability
   eval_every: int = 1           # epochs, for evaluators that set no `every` of their own
-  evals: dict = dataclasses.field(default_factory=lambda: {"val": {"type": "classification"}})
+  evals: dict = dataclasses.field(default_factory=lambda: {"eval": {"type": "classification"}})
 
 
 def check_classify(cfg: ClassifyConfig, *, num_devices: int, num_processes: int) -> None:
@@ -246,7 +246,7 @@ class FinetuneTask(Task):
     abstract = nnx.eval_shape(lambda: build_model(cfg, self.model_cfg, self.num_classes))
     self.graphdef, abstract_params, _, _ = split_model(abstract, cfg.task)
     mask, scales = self.decay_rules(abstract_params)
-    self.tx = self.make_optimizer(mask, scales)
+    self.tx = self.make_optimizer(abstract_params, mask, scales)
     if self.process == 0 and not self.eval_only:
       rules = optim.parameter_rules(abstract_params, self.table_mask(mask), scales)
       param_ckpt.write_text(os.path.join(workdir, "param_groups.txt"),

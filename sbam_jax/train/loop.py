@@ -86,20 +86,23 @@ class Reporter:
 
 
 def fit(task, workdir: str) -> int:
-  if task.process == 0:
-    param_ckpt.write_workdir_card(workdir, task.card)
+  evaluators = task.evaluators()  # their config errors come before anything is written
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=task.config.keep_checkpoints)
   status, report = 0, None
   try:
+    if not task.eval_only:
+      _check_resumable(task, workdir, ckpt)
+    if task.process == 0:
+      param_ckpt.write_workdir_card(workdir, {**task.card, "optimizer": task.optimizer_spec})
     state, state_sh = _restore_or_init(task, ckpt)
-    evaluators = task.evaluators()
     report = Reporter(task, workdir)
     if task.eval_only:
-      if not evaluators:
-        raise ConfigError(f"eval_only: config.evals lists no evaluator for task "
+      chosen = [ev for ev in evaluators if ev.every]
+      if not chosen:
+        raise ConfigError(f"eval_only: config.evals lists no evaluator that is on for task "
                           f"{task.config.task!r}")
-      for ev in evaluators:
+      for ev in chosen:
         report.evaluation(ev, int(state.step), ev.run(state), final_only=True)
     else:
       status = _train(task, state, state_sh, ckpt, evaluators, report)
@@ -109,6 +112,23 @@ def fit(task, workdir: str) -> int:
       report.writer.flush()
   task.close()
   return status
+
+
+def _check_resumable(task, workdir: str, ckpt) -> None:
+  """A workdir's checkpoints hold the state of the optimizer they were made
+  with; continuing with another cannot restore it."""
+  if ckpt.latest_step() is None:
+    return
+  try:
+    was = param_ckpt.read_card(workdir, "").get("optimizer")
+  except FileNotFoundError:
+    return
+  now = task.optimizer_spec
+  if was is not None and was != now:
+    raise ConfigError(f"{workdir} holds checkpoints of optimizer {was['name']!r} "
+                      f"{was['args'] or ''}, this config asks for {now['name']!r} "
+                      f"{now['args'] or ''}: set config.optimizer (and optimizer_args) as the "
+                      f"workdir's, or start a new workdir with init_from={workdir}")
 
 
 def _train(task, state, state_sh, ckpt, evaluators, report: Reporter) -> int:

@@ -104,7 +104,8 @@ class PretrainTask(Task):
     self.random_steps = self.steps_per_epoch * cfg.random_epochs
     abstract = nnx.eval_shape(lambda: MaskedAutoencoder(self.model_cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-    self.tx = self.make_optimizer(optim.reference_decay_mask(nnx.to_pure_dict(abstract_params)))
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    self.tx = self.make_optimizer(abstract_params, optim.reference_decay_mask(abstract_params))
     self.flops_per_image = flops.mae(self.model_cfg, (self.capacity + self.warm_capacity) // 2)
     self._step_fns: dict = {}
     self._figure_batch = None
@@ -131,7 +132,7 @@ class PretrainTask(Task):
     model = MaskedAutoencoder(self.model_cfg, rngs=nnx.Rngs(cfg.seed))
     _, params, fixed = nnx.split(model, nnx.Param, ...)
     params, fixed = nnx.to_pure_dict(params), nnx.to_pure_dict(fixed)
-    step, opt_state = 0, self.tx.init(params)
+    step, opt_state = 0, None
     if cfg.init_from and load:
       try:
         loaded, card = param_ckpt.load_weights(cfg.init_from)
@@ -141,14 +142,26 @@ class PretrainTask(Task):
         raise ConfigError(f"init_from {cfg.init_from!r} holds a {card['kind']} checkpoint; "
                           f"pre-training needs a full pre-train model")
       params, fixed = take(loaded, params, "init_from"), take(loaded, fixed, "init_from")
-      opt_state = self.tx.init(params)
-      if "adamw" in card.get("extra", []):
-        m = param_ckpt.load_extra(cfg.init_from, "adamw")
-        opt_state = optim.adamw_state(self.tx, params, m["mu"], m["nu"], int(m["count"]))
+      opt_state = self._converted_adamw(card, params)
       if "epoch" in card:
         step = (int(card["epoch"]) + 1) * self.steps_per_epoch
+    if opt_state is None:
+      opt_state = self.tx.init(params)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=params, fixed=fixed,
                       opt_state=opt_state, rng=jax.random.PRNGKey(cfg.seed))
+
+  def _converted_adamw(self, card: dict, params):
+    """The AdamW moments of a converted training checkpoint, if the optimizer
+    in use has AdamW state to put them in (else a note, and fresh state)."""
+    if "adamw" not in card.get("extra", []):
+      return None
+    if not optim.has_adam_state(jax.eval_shape(self.tx.init, params)):
+      if self.process == 0:
+        print(f"note: init_from's AdamW moments are not used by optimizer "
+              f"{self.optimizer_spec['name']!r}; it starts from fresh state", flush=True)
+      return None
+    m = param_ckpt.load_extra(self.config.init_from, "adamw")
+    return optim.adamw_state(self.tx, params, m["mu"], m["nu"], int(m["count"]))
 
   def loss(self, capacity: int | None = None):
     return pretrain_loss(self.graphdef, spec=self.spec, warmup_spec=self.warm_spec,

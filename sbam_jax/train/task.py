@@ -105,12 +105,22 @@ class Task:
                            warmup_epochs=cfg.warmup_epochs, epochs=cfg.epochs,
                            steps_per_epoch=self.steps_per_epoch)
 
-  def make_optimizer(self, decay_mask, scales=None):
-    """`config.optimizer` (or the recipe's) with this task's decay mask and lr scales."""
+  @property
+  def optimizer_spec(self) -> dict:
+    """What the optimizer state in this task's checkpoints belongs to."""
+    return {"name": self.config.optimizer or self.recipe_optimizer,
+            "args": dict(self.config.optimizer_args)}
+
+  def make_optimizer(self, params, decay_mask, scales=None):
+    """`config.optimizer` (or the recipe's) with this task's decay mask and lr
+    scales, checked on the (abstract) parameters before anything compiles."""
     cfg = self.config
-    return optim.build(cfg.optimizer or self.recipe_optimizer, self.lr, decay_mask=decay_mask,
-                       scales=scales, args=cfg.optimizer_args,
-                       defaults=dict(b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    spec = self.optimizer_spec["name"]
+    tx = optim.build(spec, self.lr, decay_mask=decay_mask, scales=scales,
+                     args=cfg.optimizer_args,
+                     defaults=dict(b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    optim.check_update(tx, params, spec)
+    return tx
 
   def loss(self) -> Callable:
     raise NotImplementedError
