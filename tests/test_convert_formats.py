@@ -133,6 +133,31 @@ def test_hf_forward_with_noise_equals_ours(direction, tmp_path, assert_close):
   _compare_mae(ours, theirs, imgs, noise, assert_close)
 
 
+def test_a_decoder_mlp_narrower_than_the_encoders_is_read_from_its_shapes(tmp_path,
+                                                                          assert_close):
+  """Hugging Face ViTMAE sets decoder_intermediate_size on its own; the width is
+  read from the decoder's fc1, not assumed from the encoder's ratio."""
+  theirs = randomize(transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(
+      **dict(MAE_ARCH, decoder_intermediate_size=64))), seed=4).eval()
+  theirs.save_pretrained(tmp_path / "hf")
+  run("to-jax", tmp_path / "hf", tmp_path / "jax")
+  loaded = checkpoints.load_model(str(tmp_path / "jax"))
+  assert loaded.config.decoder_mlp_ratio == 2.0 and loaded.config.mlp_ratio == 4.0
+  rng = np.random.default_rng(1)
+  imgs = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  noise = rng.uniform(size=(2, 16)).astype(np.float32)
+  _compare_mae(loaded.model, theirs, imgs, noise, assert_close)
+  run("to-torch", tmp_path / "jax", tmp_path / "back", "--format", "hf")
+  assert_loads_exactly(transformers.ViTMAEForPreTraining, tmp_path / "back", theirs.state_dict())
+  run("to-torch", tmp_path / "jax", tmp_path / "back.pth")
+  run("to-jax", tmp_path / "back.pth", tmp_path / "again")
+  a, _ = checkpoints.load_params(str(tmp_path / "jax"))
+  b, card = checkpoints.load_params(str(tmp_path / "again"))
+  assert card["model"]["decoder_mlp_ratio"] == 2.0
+  for x, y in zip(jax_leaves(a), jax_leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_hf_classifier_both_ways(tmp_path, assert_close):
   ref = hf_classifier(seed=4)
   ref.save_pretrained(tmp_path / "hf")

@@ -15,6 +15,7 @@ pytest.importorskip("safetensors")
 from safetensors.torch import save_file  # noqa: E402
 
 from torch_reference import TorchMAE, TorchViT  # noqa: E402
+from sbam_jax import checkpoints  # noqa: E402
 from sbam_jax.models import model_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,9 +78,10 @@ def test_decoder_mlp_width_is_read_from_its_shapes(tmp_path, capsys):
   sd["decoder_blocks.0.mlp.fc1.bias"] = torch.zeros(64)
   sd["decoder_blocks.0.mlp.fc2.weight"] = torch.zeros(32, 64)
   torch.save(sd, tmp_path / "mae.pth")
-  err = refused(capsys, tmp_path, "to-jax", tmp_path / "mae.pth")
-  assert err.startswith("error: decoder MLP width 64 (ratio 2 of 32) differs from the encoder's "
-                        "ratio 4")
+  assert cli.main(["to-jax", str(tmp_path / "mae.pth"), str(tmp_path / "jax")]) == 0
+  params, card = checkpoints.load_params(str(tmp_path / "jax"))
+  assert card["model"]["decoder_mlp_ratio"] == 2.0 and card["model"]["mlp_ratio"] == 4.0
+  assert params["decoder_blocks"]["layers"]["mlp"]["fc1"]["kernel"].shape[-1] == 64
 
 
 class _RunsCode:

@@ -157,14 +157,9 @@ def _decoder_fields(sd, decoder_num_heads: Optional[int], encoder_ratio: float) 
   if dheads is None:
     raise ConvertError(f"decoder width {dd} is not a standard size: pass --decoder-num-heads")
   dratio = _mlp_ratio(sd, "decoder_blocks", dd)
-  if dratio != encoder_ratio:
-    hidden = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0]
-    raise ConvertError(f"decoder MLP width {hidden} (ratio {dratio:g} of {dd}) differs from the "
-                       f"encoder's ratio {encoder_ratio:g}; this project's MaskedAutoencoder "
-                       f"builds both with one mlp_ratio, so it cannot hold this decoder (convert "
-                       f"the encoder alone with --kind encoder)")
   return dict(decoder_embed_dim=dd, decoder_depth=_depth(sd, "decoder_blocks"),
-              decoder_num_heads=dheads)
+              decoder_num_heads=dheads,
+              decoder_mlp_ratio=None if dratio == encoder_ratio else dratio)
 
 
 def build_model(det: Detected, seed: int = 0, abstract: bool = True):

@@ -122,7 +122,8 @@ def _check_config(cfg: dict, det: formats.Detected, path: str) -> None:
           "patch_size": c.patch_size, "num_channels": c.in_chans}
   if det.kind == formats.PRETRAIN:
     want.update(decoder_hidden_size=c.decoder_embed_dim,
-                decoder_num_hidden_layers=c.decoder_depth)
+                decoder_num_hidden_layers=c.decoder_depth,
+                decoder_intermediate_size=int(round(c.decoder_ratio * c.decoder_embed_dim)))
   bad = [f"{k} {cfg[k]} vs {v} in the weights" for k, v in want.items()
          if k in cfg and _square(cfg[k], k, path) != v]
   if "image_size" in cfg and _square(cfg["image_size"], "image_size", path) != c.img_size:
@@ -149,7 +150,7 @@ def config_for(card: dict, kind: str, cfg, num_classes: int = 0) -> dict:
              decoder_hidden_size=cfg.decoder_embed_dim,
              decoder_num_hidden_layers=cfg.decoder_depth,
              decoder_num_attention_heads=cfg.decoder_num_heads,
-             decoder_intermediate_size=int(round(cfg.mlp_ratio * cfg.decoder_embed_dim)),
+             decoder_intermediate_size=int(round(cfg.decoder_ratio * cfg.decoder_embed_dim)),
              architectures=["ViTMAEForPreTraining" if kind == formats.PRETRAIN
                             else "ViTMAEModel"])
   return out

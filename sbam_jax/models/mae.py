@@ -81,7 +81,7 @@ class MaskedAutoencoder(nnx.Module):
     self.decoder_embed = dense(cfg.embed_dim, dd, dtype, rngs)
     self.mask_token = nnx.Param(_token_init(rngs.params(), (1, 1, dd), jnp.float32))
     self.decoder_pos_embed = FixedEmbed(jnp.asarray(sincos_2d(dd, cfg.grid_size))[None])
-    self.decoder_blocks = BlockStack(cfg.decoder_depth, dd, cfg.decoder_num_heads, cfg.mlp_ratio,
+    self.decoder_blocks = BlockStack(cfg.decoder_depth, dd, cfg.decoder_num_heads, cfg.decoder_ratio,
                                      dtype=dtype, impl=cfg.attention, scan=cfg.scan_layers,
                                      remat=cfg.remat, rngs=rngs)
     self.decoder_norm = layer_norm(dd, rngs)

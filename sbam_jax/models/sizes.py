@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -37,6 +37,7 @@ class ModelConfig:
   decoder_depth: int = 8
   decoder_num_heads: int = 16
   mlp_ratio: float = 4.0
+  decoder_mlp_ratio: Optional[float] = None   # None: the encoder's mlp_ratio (MAE's models)
   norm_pix_loss: bool = True
   in_chans: int = 3
 
@@ -58,6 +59,11 @@ class ModelConfig:
       raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
     if self.dtype not in COMPUTE_DTYPES:
       raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+
+  @property
+  def decoder_ratio(self) -> float:
+    """The decoder blocks' MLP ratio (some checkpoints differ from the encoder's)."""
+    return self.mlp_ratio if self.decoder_mlp_ratio is None else self.decoder_mlp_ratio
 
   @property
   def grid_size(self) -> int:

@@ -18,7 +18,7 @@ def mae(cfg, keep: int) -> float:
   tokens, decoder on 1 + L tokens, prediction head."""
   L, D, dd = cfg.num_patches, cfg.embed_dim, cfg.decoder_embed_dim
   fwd = (2 * L * cfg.patch_dim * D + tower(1 + keep, D, cfg.depth, cfg.mlp_ratio)
-         + 2 * (1 + keep) * D * dd + tower(1 + L, dd, cfg.decoder_depth, cfg.mlp_ratio)
+         + 2 * (1 + keep) * D * dd + tower(1 + L, dd, cfg.decoder_depth, cfg.decoder_ratio)
          + 2 * (1 + L) * dd * cfg.patch_dim)
   return 3.0 * fwd
 
