@@ -183,6 +183,24 @@ def test_demo_source_yields_real_photos_offline(tmp_path):
   assert demo.write_demo_dataset(root) == root  # second call reuses it
 
 
+def test_non_ascii_file_names_decode(tmp_path):
+  """File names are UTF-8 bytes for tf.data (numpy's bytes conversion is ASCII-only)."""
+  from PIL import Image
+  names = ["café_日本語.JPEG", "plain.JPEG", "ünïcödé.png", "ascii2.JPEG"]
+  for cls in ("a", "b"):
+    os.makedirs(tmp_path / "train" / cls)
+    for i, name in enumerate(names):
+      arr = np.full((40, 40, 3), 40 * i + (100 if cls == "b" else 0), np.uint8)
+      Image.fromarray(arr).save(tmp_path / "train" / cls / name, format="PNG")
+  s = sources.folder_source(str(tmp_path), "train")
+  p = pipeline.InputPipeline(s, eval32, global_batch=8, image_size=32, train=False)
+  batch = take(p, 1)[0]
+  assert p.skipped == 0 and batch["valid"].all()
+  means = sorted(float(m) for m in batch["image"].reshape(8, -1).mean(1))
+  want = sorted(float(40 * i + off) for off in (0, 100) for i in range(4))
+  np.testing.assert_allclose(means, want, atol=1.0)
+
+
 def test_tensorflow_is_imported_lazily():
   code = ("import sys, sbam_jax, sbam_jax.masking, sbam_jax.models, sbam_jax.convert, "
           "sbam_jax.config, sbam_jax.data, sbam_jax.data.mixup, sbam_jax.data.sources; "
