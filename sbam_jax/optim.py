@@ -155,6 +155,14 @@ def param_table(rules: dict) -> list[str]:
           for key, (shape, decay, s) in rules.items()]
 
 
+def takes_weight_decay(spec: str) -> bool:
+  """Whether the optimizer `spec` names applies the recipe's weight decay."""
+  name, _ = parse_name(spec)
+  fn = registry.lookup("optimizer", name) if name in registry.names("optimizer") else \
+      getattr(optax, name)
+  return "weight_decay" in inspect.signature(fn).parameters
+
+
 def check_update(tx, params, spec: str) -> None:
   """Trace one update on abstract parameters: a wrong argument value fails
   here, as a ConfigError, not inside the first compiled step."""

@@ -134,12 +134,14 @@ def test_monitor_evaluators_run_through_the_loop_on_any_source(tmp_path):
   assert knn[4]["knn/mean_top1"] > 50 and fs[4]["fs/mean_4shot_top1"] > 50
 
 
-def test_a_non_adamw_optimizer_resumes_bit_identically(tmp_path):
+def test_a_non_adamw_optimizer_resumes_bit_identically(tmp_path, capsys):
   spec = "sgd(momentum=0.9, nesterov=True)"
   c = config(workdir_epochs=3, optimizer=spec, checkpoint_every=4)
   c.evals = {}
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   assert loop.run(c, str(straight)) == 0
+  assert "note: optimizer 'sgd(momentum=0.9, nesterov=True)' has no weight decay; the " \
+      "recipe's weight_decay=0.05 is not applied" in capsys.readouterr().out
   shutil.copytree(straight, resumed)
   shutil.rmtree(resumed / "checkpoints" / "6")  # as if killed after saving step 4
   assert loop.run(c, str(resumed)) == 0

@@ -120,6 +120,9 @@ class Task:
                      args=cfg.optimizer_args,
                      defaults=dict(b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
     optim.check_update(tx, params, spec)
+    if cfg.weight_decay and not optim.takes_weight_decay(spec) and self.process == 0:
+      print(f"note: optimizer {spec!r} has no weight decay; the recipe's weight_decay="
+            f"{cfg.weight_decay} is not applied", flush=True)
     return tx
 
   def loss(self) -> Callable:
