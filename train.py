@@ -11,6 +11,7 @@ Re-running with the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 import time
@@ -27,6 +28,42 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _last_line(error: BaseException) -> str:
+  """The line of an exception's text that says what is wrong (config-file
+  errors arrive with a whole traceback inside their message, key errors as a
+  quoted repr)."""
+  text = str(error)
+  while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      break
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if len(lines) > 1 and lines[-1].lower().startswith("did you mean"):
+    return f"unknown key {lines[-2]}; {lines[-1]}"
+  return lines[-1] if lines else type(error).__name__
+
+
+def parse_flags(argv):
+  """absl's flag parsing, but a config file that cannot be loaded, an override
+  of a key that does not exist or a value of the wrong type is one line on
+  stderr (exit 2), not a traceback."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get("task")  # a broken config file only raises when first read
+    return rest
+  except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError, ImportError,
+          SyntaxError) as e:
+    line = _last_line(e)
+    key = line.split("'")[1] if line.startswith("unknown key '") else None
+    named = [a.split("=")[0] for a in argv[1:]
+             if a.startswith("--config.") and key and key in a.split("=")[0]]
+    names_a_flag = "flag --" in line or "command line flag" in line
+    where = named[0] if named else ("" if names_a_flag else "--config")
+    print(f"error: {where + ': ' if where else ''}{line}", file=sys.stderr)
+    sys.exit(2)
 
 
 def init_distributed():
@@ -52,4 +89,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -276,3 +276,22 @@ def test_unknown_config_key_is_named():
   c.masking.mask_ration = 0.6
   with pytest.raises(C.ConfigError, match=r"masking.mask_ration \(did you mean masking.mask_ratio\?\)"):
     pretrain.check_config(c, num_devices=1, num_processes=1)
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--config", "configs/nope.py"],
+     "error: --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    (["--config", "configs/pretrain.py:large,sbamm"],
+     "error: --config: ValueError: method must be one of ['mae', 'sbam', 'sbm'], got 'sbamm'"),
+    (["--config", "configs/demo.py", "--config.masking.mask_ration=0.6"],
+     "error: --config.masking.mask_ration: unknown key 'mask_ration'; Did you mean "
+     "\"mask_ratio\" instead of \"mask_ration\"?"),
+    (["--config", "configs/demo.py", "--config.blr=abc"],
+     "error: flag --config.blr=abc: could not convert string to float: 'abc'"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, args, line):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, "train.py", *args, "--workdir", str(tmp_path / "w")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.strip() == line, out.stderr
+  assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
