@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import os
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -2,7 +2,6 @@
 fine-tuning and linear probing on the bundled photos (10 classes), and the
 eval-only mode reproducing the fine-tune's final numbers."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from sbam_jax import checkpoints
+from workdir_helpers import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +31,7 @@ def train(config, workdir, cache, *overrides):
 
 
 def evals(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [r for r in rows if "eval/top1" in r]
+  return [r for r in metrics(workdir) if "eval/top1" in r]
 
 
 @pytest.fixture(scope="module")

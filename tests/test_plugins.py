@@ -5,7 +5,6 @@ optimizer resumes bit-identically."""
 
 import glob
 import io
-import json
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from sbam_jax import optim, registry
 from sbam_jax.data import sources
 from sbam_jax.evals.base import Evaluator
 from sbam_jax.train import loop
+from workdir_helpers import final_state, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -81,18 +81,6 @@ def config(workdir_epochs=2, **more):
   return c
 
 
-def rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def final_params(workdir):
-  import orbax.checkpoint as ocp
-  ckpt = os.path.join(workdir, "checkpoints")
-  step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-  return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "default"))
-
-
 def tensorboard_scalars(workdir, tag):
   import tensorflow as tf
   out = {}
@@ -108,11 +96,11 @@ def test_evaluator_and_source_defined_here_plug_in_through_the_config(tmp_path):
   READS.clear()
   assert loop.run(config(), str(tmp_path)) == 0
   assert READS, "the test source was never read"
-  steps = [r["step"] for r in rows(tmp_path) if "loss" in r]
+  steps = [r["step"] for r in metrics(tmp_path) if "loss" in r]
   assert steps == [1, 2, 3, 4]  # 64 images, batch 32: 2 steps an epoch, 2 epochs
-  probe = {r["step"]: r["probe/norm"] for r in rows(tmp_path) if "probe/norm" in r}
+  probe = {r["step"]: r["probe/norm"] for r in metrics(tmp_path) if "probe/norm" in r}
   assert sorted(probe) == [2, 4]  # every epoch; the last step once
-  step, tree = final_params(tmp_path)
+  step, tree = final_state(tmp_path)
   leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree["params"])]
   want = 2.0 * np.sqrt(sum((x ** 2).sum() for x in leaves))
   assert step == 4 and probe[4] == pytest.approx(want, rel=1e-6)
@@ -125,8 +113,8 @@ def test_monitor_evaluators_run_through_the_loop_on_any_source(tmp_path):
   c.evals = {"knn": dict(type="knn", every=1, bank=64, queries=32, k=5),
              "fs": dict(type="fewshot", every=2, shots=(2, 4), bank=64, queries=32)}
   assert loop.run(c, str(tmp_path)) == 0
-  knn = {r["step"]: r for r in rows(tmp_path) if "knn/cls_top1" in r}
-  fs = {r["step"]: r for r in rows(tmp_path) if "fs/cls_2shot_top1" in r}
+  knn = {r["step"]: r for r in metrics(tmp_path) if "knn/cls_top1" in r}
+  fs = {r["step"]: r for r in metrics(tmp_path) if "fs/cls_2shot_top1" in r}
   assert sorted(knn) == [0, 2, 4] and sorted(fs) == [0, 4]
   keys = {f"fs/{f}_{n}shot_top1" for f in ("cls", "mean") for n in (2, 4)}
   assert keys <= set(fs[4]) and {"knn/cls_top1", "knn/mean_top1"} <= set(knn[4])
@@ -145,7 +133,7 @@ def test_a_non_adamw_optimizer_resumes_bit_identically(tmp_path, capsys):
   shutil.copytree(straight, resumed)
   shutil.rmtree(resumed / "checkpoints" / "6")  # as if killed after saving step 4
   assert loop.run(c, str(resumed)) == 0
-  (sa, a), (sb, b) = final_params(straight), final_params(resumed)
+  (sa, a), (sb, b) = final_state(straight), final_state(resumed)
   assert sa == sb == 6
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -14,6 +14,7 @@ import pytest
 
 from sbam_jax import config as C
 from sbam_jax.train import pretrain
+from workdir_helpers import final_state, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -43,19 +44,6 @@ def run(workdir, cache, *overrides, devices=1):
   proc = launch(workdir, cache, *overrides, devices=devices)
   out, _ = proc.communicate(timeout=600)
   return proc.returncode, out
-
-
-def metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def final_state(workdir):
-  import orbax.checkpoint as ocp
-  ckpt = os.path.join(workdir, "checkpoints")
-  step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-  tree = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "default"))
-  return step, tree
 
 
 def test_demo_run_learns_and_writes_everything(tmp_path, cache):

@@ -71,12 +71,19 @@ def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.M
 
 
 def check_config(config, *, num_devices: int, num_processes: int) -> masking.MaskingSpec:
-  """Validate a pre-training config before anything is built or compiled;
-  returns the masking spec (AMR group resolved for this many devices)."""
-  cfg = config if isinstance(config, PretrainConfig) else config_lib.parse(PretrainConfig, config)
+  """Validate a whole pre-training config before anything is built or
+  compiled; returns the masking spec (AMR group resolved for this many devices)."""
+  cfg = config_lib.parse(PretrainConfig, config)
   micro = cfg.check(num_devices=num_devices, num_processes=num_processes)
   config_lib.build_model_config(cfg.model)
-  spec = config_lib.build_masking_spec(cfg.masking, global_batch=micro, num_devices=num_devices)
+  return check_pretrain(cfg, micro_batch=micro, num_devices=num_devices)
+
+
+def check_pretrain(cfg: PretrainConfig, *, micro_batch: int,
+                   num_devices: int) -> masking.MaskingSpec:
+  """What pre-training needs beyond TrainConfig.check: the masking spec."""
+  spec = config_lib.build_masking_spec(cfg.masking, global_batch=micro_batch,
+                                       num_devices=num_devices)
   if not 0 <= cfg.random_epochs < cfg.epochs:
     raise ConfigError(f"need 0 <= random_epochs ({cfg.random_epochs}) < epochs ({cfg.epochs})")
   if cfg.figure_every < 1:
@@ -92,7 +99,7 @@ class PretrainTask(Task):
   def __init__(self, config, workdir: str):
     super().__init__(config, workdir)
     cfg = self.config
-    self.spec = check_config(cfg, num_devices=self.num_devices, num_processes=self.num_processes)
+    self.spec = check_pretrain(cfg, micro_batch=self.micro_batch, num_devices=self.num_devices)
     L = self.model_cfg.num_patches
     self.warm_spec = masking.MaskingSpec("random", mask_ratio=self.spec.mask_ratio)
     self.capacity = masking.max_capacity(self.spec, L)
