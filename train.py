@@ -26,6 +26,8 @@ flags.DEFINE_string("workdir", None, "checkpoints, logs and figures go here")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
+flags.DEFINE_bool("dry_run", False, "print the resolved config, the run's header and the "
+                  "train step's memory per device; train and write nothing")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -76,13 +78,16 @@ def init_distributed():
 def main(argv):
   del argv
   init_distributed()
-  from sbam_jax.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
+  from sbam_jax.errors import ConfigError, DataError, WriteError  # pylint: disable=g-import-not-at-top
   from sbam_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
-    status = loop.run(FLAGS.config, FLAGS.workdir)
+    status = loop.run(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     status = 2
+  except WriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    status = 4
   sys.exit(status)
 
 

@@ -127,9 +127,11 @@ class TrainConfig:
   init_from: str = ""           # converted checkpoint or training workdir
   mesh: MeshConfig = MeshConfig()
   evals: dict = dataclasses.field(default_factory=dict)  # name -> dict(type=..., every=..., ...)
-  log_every: int = 50           # steps
+  log_every: int = 50           # steps between progress lines
+  log_seconds: float = 30.0     # ... and at most this long between them
   checkpoint_every: int = 2000  # steps; and at the end, and on SIGTERM
   keep_checkpoints: int = 3
+  resume_override: str = ""     # card fields a resume may change, e.g. 'batch_size' (workdir.py)
 
   def check(self, *, num_devices: int, num_processes: int) -> int:
     """Checks every task needs; returns the global micro-batch size."""
@@ -147,13 +149,29 @@ class TrainConfig:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, key) < 1:
         raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+    if not self.log_seconds > 0:
+      raise ConfigError(f"log_seconds must be > 0, got {self.log_seconds}")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ConfigError(f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}")
     fsdp = self.mesh.fsdp
     if fsdp < 1 or num_devices % fsdp:
       raise ConfigError(f"mesh.fsdp={fsdp} must divide the {num_devices} devices")
     registry.lookup("source", self.data.source, where="data.source")
+    _check_data_keys(self.data)
     return batch // accum
+
+
+def _check_data_keys(data: DataConfig) -> None:
+  """A key of another source would be silently ignored: refuse it."""
+  if data.path and data.source in ("demo", "tfds"):
+    fix = ("the bundled demo photos" if data.source == "demo" else "tfds (which reads "
+           "data.tfds_data_dir)")
+    raise ConfigError(f"data.path={data.path!r} is set but data.source={data.source!r} uses "
+                      f"{fix}: add --config.data.source=folder to train on that folder, or "
+                      f"drop data.path")
+  if data.tfds_data_dir and data.source != "tfds":
+    raise ConfigError(f"data.tfds_data_dir={data.tfds_data_dir!r} is set but data.source="
+                      f"{data.source!r}: add --config.data.source=tfds, or drop tfds_data_dir")
 
 
 def build_model_config(cfg: Mapping) -> ModelConfig:

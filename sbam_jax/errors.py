@@ -1,7 +1,9 @@
-"""The two kinds of user error: a config that cannot work, data that cannot be read.
+"""The errors a run reports as one line: a config that cannot work, data that
+cannot be read (user errors), and an output that cannot be written.
 
-`train.py` prints either as one line and exits with status 2; everything else
-is a bug and keeps its traceback. A leaf module, so any layer may raise them.
+`train.py` prints each as one line (`error: ...`) and exits with status 2
+for user errors, 4 for outputs; everything else is a bug and keeps its
+traceback. A leaf module, so any layer may raise them.
 """
 
 
@@ -12,3 +14,8 @@ class ConfigError(ValueError):
 class DataError(ValueError):
   """The data the config points to is missing or unusable; the message says
   which path or dataset and what to do."""
+
+
+class WriteError(OSError):
+  """An output (log, card, figure) could not be written whole: the run stops
+  rather than go on with work it cannot record."""

@@ -93,6 +93,22 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   assert len(leaves_a) == len(leaves_b)
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The logs match the state: each step once, the same losses as the straight run.
+  loss = lambda w: [(m["step"], m["loss"]) for m in metrics(w) if "loss" in m]
+  assert [s for s, _ in loss(killed)] == list(range(1, 46))
+  assert loss(killed) == loss(straight)
+  assert tensorboard_steps(killed, "loss") == list(range(1, 46))
+
+
+def tensorboard_steps(workdir, tag):
+  import tensorflow as tf
+  folder = os.path.join(workdir, "tensorboard")
+  steps = []
+  for name in os.listdir(folder):
+    for raw in tf.data.TFRecordDataset(os.path.join(folder, name)):
+      event = tf.compat.v1.Event.FromString(raw.numpy())
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return sorted(steps)
 
 
 def test_bucketed_capacity_trains_like_maximum_capacity(tmp_path, cache):
@@ -112,18 +128,20 @@ def test_bucketed_capacity_trains_like_maximum_capacity(tmp_path, cache):
   np.testing.assert_allclose(b, a, rtol=1e-5)
 
 
-def test_sigterm_saves_and_exits(tmp_path, cache):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_save_and_exit(tmp_path, cache, sig):
   proc = launch(tmp_path, cache, *SHORT, "--config.epochs=40")
   lines = []
   for line in proc.stdout:
     lines.append(line)
     if line.startswith("step 7/"):
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(sig)
       break
   out = "".join(lines) + proc.communicate(timeout=300)[0]
-  assert proc.returncode == 143, out
-  assert "SIGTERM: saving step" in out
-  saved = int(out.split("SIGTERM: saving step ")[1].split()[0])
+  assert proc.returncode == 128 + sig, out
+  name = signal.Signals(sig).name
+  assert f"{name}: saving step" in out
+  saved = int(out.split(f"{name}: saving step ")[1].split()[0])
   assert str(saved) in os.listdir(tmp_path / "checkpoints")
 
 
@@ -131,6 +149,19 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, cache):
   code, out = run(tmp_path, cache, *SHORT, "--config.blr=1e12", "--config.warmup_epochs=0")
   assert code == 3, out
   assert "not finite" in out and "last good checkpoint" in out
+  failed = int(out.split(": loss or gradient is not finite")[0].split("step ")[-1])
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert all(s < failed for s in saved), (failed, saved)  # nothing saved past the failure
+  for s in saved:  # each checkpoint holds the step it is named after
+    assert int(final_state_at(tmp_path, s)["step"]) == s
+  logged = [m["step"] for m in metrics(tmp_path) if "loss" in m]
+  assert logged == list(range(1, failed)), (failed, logged)  # every step checked, one by one
+
+
+def final_state_at(workdir, step):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "default"))
 
 
 def test_eight_devices_with_fsdp_match_one_device(tmp_path, cache):
@@ -139,16 +170,34 @@ def test_eight_devices_with_fsdp_match_one_device(tmp_path, cache):
                "--config.figure_every=1000", "--config.masking.group=global"]
   code, out = run(tmp_path / "one", cache, *overrides)
   assert code == 0, out
-  code, out = run(tmp_path / "eight", cache, *overrides, "--config.mesh.fsdp=2", devices=8)
-  assert code == 0, out
-  assert "mesh {'data': 4, 'fsdp': 2}" in out
+  # Elastic: data 4 x fsdp 2 on 8 devices, stopped; resumed on 2 devices, stopped; ended on 1.
+  eight = tmp_path / "eight"
+  out = stop_at(eight, cache, 8, overrides + ["--config.mesh.fsdp=2"], devices=8)
+  assert "{'data': 4, 'fsdp': 2} on 8 cpu devices" in out
+  stop_at(eight, cache, 18, overrides + ["--config.mesh.fsdp=2"], devices=2)
+  code, out = run(eight, cache, *overrides)
+  assert code == 0 and "{'data': 1, 'fsdp': 1} on 1 cpu devices" in out, out
   one = [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m]
-  eight = [m["loss"] for m in metrics(tmp_path / "eight") if "loss" in m]
-  np.testing.assert_allclose(eight, one, rtol=2e-4)
+  eight_losses = [m["loss"] for m in metrics(eight) if "loss" in m]
+  np.testing.assert_allclose(eight_losses, one, rtol=2e-4)
   # The k-NN monitor over 8 devices (features sharded, local top-k merged) equals 1 device.
   knn = lambda w: [(m["step"], m["knn/cls_top1"], m["knn/mean_top1"]) for m in metrics(w)
                    if "knn/cls_top1" in m]
   assert knn(tmp_path / "eight") == knn(tmp_path / "one") and len(knn(tmp_path / "one")) == 2
+
+
+def stop_at(workdir, cache, step, overrides, devices):
+  """Run until a progress line at `step` or later, then SIGTERM (saves, exits 143)."""
+  proc = launch(workdir, cache, *overrides, devices=devices)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = "".join(lines) + proc.communicate(timeout=300)[0]
+  assert proc.returncode == 143, out
+  return out
 
 
 def test_two_processes_match_one_process(tmp_path, cache):
@@ -251,6 +300,7 @@ def test_bad_data_path_is_a_clean_error(tmp_path, cache):
   code, out = run(tmp_path, cache, "--config.data.source=folder",
                   f"--config.data.path={tmp_path / 'nowhere'}")
   assert code == 2 and "error:" in out and "nowhere" in out and "Traceback" not in out
+  assert os.listdir(tmp_path) == []  # a failed start leaves nothing behind
 
 
 def test_unknown_config_key_is_named():
@@ -276,6 +326,9 @@ def test_unknown_config_key_is_named():
      "\"mask_ratio\" instead of \"mask_ration\"?"),
     (["--config", "configs/demo.py", "--config.blr=abc"],
      "error: flag --config.blr=abc: could not convert string to float: 'abc'"),
+    (["--config", "configs/demo.py", "--config.data.path=/my/images"],
+     "error: data.path='/my/images' is set but data.source='demo' uses the bundled demo "
+     "photos: add --config.data.source=folder to train on that folder, or drop data.path"),
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, args, line):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")

@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from sbam_jax.files import honour_umask
+
 ALLOWED_GLOBALS = (argparse.Namespace,)
 PTH, SAFETENSORS = "pth", "safetensors"
 _SAFE_NAMES = {"collections.OrderedDict", "argparse.Namespace", "_codecs.encode", "builtins.set",
@@ -176,6 +178,7 @@ def _atomic_file(path: str, write: Callable[[str], None], overwrite: bool) -> No
   os.close(fd)
   try:
     write(tmp)
+    honour_umask(tmp)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -16,6 +16,8 @@ import tempfile
 
 import numpy as np
 
+from sbam_jax.files import honour_umask
+
 PHOTO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_photos")
 SPLITS = {"train": 48, "val": 16}
 _MARKER = ".complete"
@@ -40,6 +42,7 @@ def write_demo_dataset(root: str | None = None, *, size: int = 96, seed: int = 0
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+  honour_umask(tmp)
   try:
     rng = np.random.default_rng(seed)
     for name in photo_names():

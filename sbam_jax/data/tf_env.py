@@ -7,11 +7,34 @@ import os
 
 def import_tf():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = _quiet_import()
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:
     pass  # already initialised; devices were hidden by the first caller
+  return tf
+
+
+def _quiet_import():
+  """`import tensorflow` with stderr closed: its C++ libraries print start-up
+  banners (oneDNN, absl) before any log level applies. An import that fails
+  is repeated with stderr open, so its message is seen."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if "tensorflow" in sys.modules:
+    return sys.modules["tensorflow"]
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    tf = None
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+  if tf is None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return tf
 
 

@@ -1,17 +1,24 @@
-"""Progress lines, a JSON-lines log and TensorBoard events (written by process 0).
+"""The run's records: a JSON-lines log and TensorBoard events (process 0).
 
-TensorBoard events go through `tf.summary` (TensorFlow is already on the host
-for the input pipeline), imported lazily.
+Both must match the saved state. A record is one line written with one
+`write` call, so a crash leaves at most a cut-off last line, which the next
+start removes; a write that fails (full disk) is undone and stops the run.
+On resume, records past the restored step are dropped from both, so a step
+is never logged twice. TensorBoard goes through `tf.summary` (TensorFlow is
+on the host for the input pipeline anyway), imported lazily.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import time
 
 import numpy as np
+
+from sbam_jax.errors import WriteError
 
 
 class MetricWriter:
@@ -28,12 +35,73 @@ class MetricWriter:
       self._tb = self._tf.summary.create_file_writer(self.tb_dir)
     return self._tb
 
-  def scalars(self, step: int, values: dict) -> None:
+  # ---- metrics.jsonl ------------------------------------------------------------
+
+  def records(self) -> list:
+    """The whole records in metrics.jsonl (a cut-off last line is not one)."""
+    if not os.path.exists(self.jsonl):
+      return []
+    out = []
+    with open(self.jsonl, "rb") as f:
+      for line in f.read().split(b"\n"):
+        try:
+          out.append(json.loads(line))
+        except ValueError:
+          continue  # an empty or cut-off line
+    return out
+
+  def _rewrite(self, records: list) -> None:
+    tmp = self.jsonl + ".tmp"
+    with open(tmp, "w") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in records))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.jsonl)
+
+  def _append(self, record: dict) -> None:
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    size = os.fstat(fd).st_size
+    try:
+      if os.write(fd, data) != len(data):
+        raise OSError(28, "short write")
+    except OSError as e:
+      os.ftruncate(fd, size)  # no cut-off line stays behind
+      raise WriteError(f"cannot append to {self.jsonl} ({e.strerror or e}); the run stops "
+                       f"here: free space or fix permissions, then resume") from e
+    finally:
+      os.close(fd)
+
+  def truncate(self, step: int) -> None:
+    """Keep only records up to `step` (the restored state) in both logs."""
+    if not self.enabled:
+      return
+    if os.path.exists(self.jsonl):
+      with open(self.jsonl, "rb") as f:
+        whole = f.read()
+      records = self.records()
+      kept = [r for r in records if r.get("step", 0) <= step]
+      if len(kept) != len(records) or (whole and not whole.endswith(b"\n")):
+        self._rewrite(kept)
+    trim_events(self.tb_dir, step)
+
+  # ---- writing ------------------------------------------------------------------
+
+  def scalars(self, step: int, values: dict, *, replace: bool = False) -> None:
+    """One record; `replace`: drop earlier records of the same step holding
+    the same keys (an evaluation repeated on the same weights)."""
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
-    with open(self.jsonl, "a") as f:
-      f.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+    record = {"step": int(step), "time": time.time(), **clean}
+    if replace:
+      old = self.records()
+      kept = [r for r in old if not (r.get("step") == step and set(clean) <= set(r))]
+      if len(kept) != len(old):
+        self._rewrite(kept + [record])
+        record = None
+    if record is not None:
+      self._append(record)
     with self._writer().as_default():
       for k, v in clean.items():
         self._tf.summary.scalar(k, v, step=int(step))
@@ -49,10 +117,32 @@ class MetricWriter:
       self._tb.flush()
 
 
+def trim_events(tb_dir: str, step: int) -> None:
+  """Rewrite TensorBoard event files without events past `step`, so a resumed
+  run draws one line per step (TensorBoard would show both copies)."""
+  files = sorted(glob.glob(os.path.join(glob.escape(tb_dir), "*tfevents*")))
+  if not files:
+    return
+  from sbam_jax.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
+  tf = import_tf()
+  for path in files:
+    if path.endswith(".tmp"):
+      os.remove(path)  # a rewrite that did not finish; its original is still there
+      continue
+    raw = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    keep = [r for r in raw if tf.compat.v1.Event.FromString(r).step <= step]
+    if len(keep) == len(raw):
+      continue
+    with tf.io.TFRecordWriter(path + ".tmp") as w:
+      for r in keep:
+        w.write(r)
+    os.replace(path + ".tmp", path)
+
+
 def progress_line(step, total, epoch, metrics, lr, img_per_s, mfu, eta_s) -> str:
-  eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
-  text = (f"step {step}/{total} ep {epoch:.2f} loss {metrics['loss']:.4f} lr {lr:.3g} "
-          f"{img_per_s:.1f} img/s")
+  text = (f"step {step}/{total} ep {epoch:.2f} loss {metrics['loss']:.4f} lr {lr:.3g}")
+  if img_per_s is not None:
+    text += f" {img_per_s:.1f} img/s"
   if mfu is not None:
     text += f" MFU {100 * mfu:.1f}%"
   ratio = metrics.get("mask_ratio_mean")
@@ -62,4 +152,6 @@ def progress_line(step, total, epoch, metrics, lr, img_per_s, mfu, eta_s) -> str
   above = metrics.get("frac_above_delta")
   if above is not None and math.isfinite(above):
     text += f" >delta {above:.3f}"
-  return text + f" ETA {eta}"
+  if eta_s is not None:
+    text += " ETA " + time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
+  return text

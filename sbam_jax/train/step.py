@@ -4,8 +4,13 @@ A task supplies `loss_fn(params, fixed, stats, batch, key, step) -> (loss,
 (metrics, stats))`; the step averages the gradient over `accum_steps`
 micro-batches with `lax.scan` (carrying mutable statistics such as the linear
 probe's BatchNorm), applies the optax update to the float32 parameters, and
-reports `grad_norm` and `finite`. A non-finite loss or gradient leaves the
-state unchanged, so the loop can stop with the last good state. The losses
+reports `grad_norm` and `finite`.
+
+A non-finite loss or gradient leaves the state unchanged and marks it halted
+by storing the failed step as a negative `step` (-n: step n was not
+finite); a halted state is never updated again. So the loop needs to look
+only when it logs or saves (no read per step), and then knows which step
+failed, while the parameters are still those of step n - 1. The losses
 live with their tasks (`pretrain.py`, `classify.py`).
 """
 
@@ -57,8 +62,10 @@ def make_train_step(loss_fn, tx, *, accum_steps: int):
     new_params = optax.apply_updates(state.params, updates)
     gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + jnp.where(finite, 1, 0),
+    ok = finite & (state.step >= 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    halted = jnp.where(state.step < 0, state.step, -(state.step + 1))
+    new_state = state.replace(step=jnp.where(ok, state.step + 1, halted),
                               params=keep(new_params, state.params),
                               opt_state=keep(opt_state, state.opt_state),
                               stats=keep(stats, state.stats), rng=rng)

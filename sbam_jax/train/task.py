@@ -7,9 +7,11 @@ A task turns a config into the pieces of a run, each a named method:
   transform()             the host transform of each training image
   data(start_step)        host batches from any step (ends after the last epoch)
   train_step(shardings)   (state, host batch) -> (state, metrics), jitted
+  compiled_step(...)      the same step compiled for shapes only (dry runs)
   evaluators()            the plug-ins listed in `config.evals`
   features_fn(), logits_fn()   what evaluators run on a state
   after_step / at_end / close  figures and other side outputs
+  has_side_output(step)   whether after_step does work at that step
 
 `Task` implements everything that is the same for every task (config
 parsing, mesh, schedule, optimizer by name, input pipeline, the jitted step);
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sbam_jax import config as config_lib
@@ -131,16 +134,28 @@ class Task:
   def init_state(self, load: bool):
     raise NotImplementedError
 
+  def _jit_step(self, state_shardings):
+    bsh = sharding.batch_sharding(self.mesh)
+    return jax.jit(make_train_step(self.loss(), self.tx, accum_steps=self.config.accum_steps),
+                   in_shardings=(state_shardings, {k: bsh for k in self.batch_keys()}),
+                   out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
+                   donate_argnums=0)
+
   def train_step(self, state_shardings) -> Callable:
     """The pure step (`step.py`) jitted with explicit shardings, state donated;
     host batches are assembled into global arrays first."""
-    keys, mesh = self.batch_keys(), self.mesh
-    bsh = sharding.batch_sharding(mesh)
-    fn = jax.jit(make_train_step(self.loss(), self.tx, accum_steps=self.config.accum_steps),
-                 in_shardings=(state_shardings, {k: bsh for k in keys}),
-                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    keys, mesh, fn = self.batch_keys(), self.mesh, self._jit_step(state_shardings)
     return lambda state, batch: fn(state, {k: sharding.global_batch(mesh, batch[k])
                                            for k in keys})
+
+  def compiled_step(self, state_shardings, abstract_state):
+    """The step compiled for shapes only (dry runs, memory estimates)."""
+    spec, bsh = self.transform().spec, sharding.batch_sharding(self.mesh)
+    batch = {}
+    for k in self.batch_keys():
+      shape, dtype = spec.get(k, ((), np.int32))  # labels are int32 scalars
+      batch[k] = jax.ShapeDtypeStruct((self.batch_size, *shape), dtype, sharding=bsh)
+    return self._jit_step(state_shardings).lower(abstract_state, batch).compile()
 
   # ---- evaluation and side outputs ----------------------------------------------------
 
@@ -156,6 +171,12 @@ class Task:
     """(state, normalised images) -> (N, classes) logits, for classification evaluators."""
     raise ConfigError(f"task {self.config.task!r} has no classifier to evaluate; "
                       f"remove its 'classification' evaluator")
+
+  def has_side_output(self, step: int) -> bool:
+    """Whether `after_step(step)` does real work (a figure): the loop then
+    times it apart from training."""
+    del step
+    return False
 
   def after_step(self, state, step: int, batch: dict, writer) -> None:
     """Called after every step (figures)."""
