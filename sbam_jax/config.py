@@ -145,13 +145,16 @@ def check_value(key: str, value: Any) -> None:
                       f"{range_text(spec)}{WHY.get(key, '')}")
 
 
-def check_ranges(section: Any, where: str = "") -> None:
-  """Each field of a parsed section checked against RANGES (nested sections
-  were checked when they were parsed); a whole TrainConfig also gets
-  `check_relations`."""
+def check_ranges(section: Any, where: str = "", nested: bool = False) -> None:
+  """Each field of a section checked against RANGES (`parse` checks each
+  section as it parses it; `nested` also walks the sections inside); a whole
+  TrainConfig also gets `check_relations`."""
   prefix = f"{where}." if where else ""
   for f in dataclasses.fields(section):
-    check_value(prefix + f.name, getattr(section, f.name))
+    value = getattr(section, f.name)
+    if nested and dataclasses.is_dataclass(value):
+      check_ranges(value, prefix + f.name, nested=True)
+    check_value(prefix + f.name, value)
   if isinstance(section, MaskingConfig):
     check_amr_bounds(section, prefix)
   if isinstance(section, TrainConfig) and not where:
@@ -235,8 +238,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
 
   def check(self, *, num_devices: int, num_processes: int) -> int:
-    """What depends on the devices (ranges were checked by `parse`); returns
-    the global micro-batch size."""
+    """Ranges (again, for configs not made by `parse`), then what depends on
+    the devices; returns the global micro-batch size."""
+    check_ranges(self, nested=True)
     batch, accum = self.batch_size, self.accum_steps
     if batch % (accum * num_devices) or batch % (accum * num_processes):
       raise ConfigError(f"batch_size {batch} must split into accum_steps ({accum}) x "

@@ -4,6 +4,7 @@ are accepted. The table below is the specification, written out by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -132,3 +133,13 @@ def test_train_py_refuses_an_out_of_range_value_in_one_line(tmp_path):
   assert out.stderr.strip() == ("error: masking.delta = 1.5 is outside its range: it must be in "
                                 "[0, 1] (a threshold on salience normalised to [0, 1])")
   assert not (tmp_path / "w").exists()
+
+
+def test_check_refuses_a_config_not_made_by_parse():
+  cfg = parsed("seed", 0)
+  bad = dataclasses.replace(cfg, masking=dataclasses.replace(cfg.masking, delta=2.0))
+  with pytest.raises(C.ConfigError, match=r"masking.delta = 2.0 is outside its range"):
+    bad.check(num_devices=1, num_processes=1)
+  with pytest.raises(C.ConfigError, match=r"accum_steps = 0 is outside its range"):
+    dataclasses.replace(cfg, accum_steps=0).check(num_devices=1, num_processes=1)
+  assert cfg.check(num_devices=2, num_processes=1) == 32
