@@ -74,7 +74,7 @@ def test_links_are_followed_once_and_never_relabel(hostile, caplog):
   line = s.skipped[1]
   assert "e.g. " in line and f"{split}/a/to_b -> b" in line and "\n" not in line
   assert [r.getMessage() for r in caplog.records] == [line]
-  assert s.describe().endswith("; 11 entries skipped")
+  assert s.describe().endswith("; 11 entries skipped)")
 
 
 def test_a_plain_tree_keeps_the_order_of_a_sorted_walk(tmp_path):
@@ -135,13 +135,13 @@ def test_describe_counts_images_per_class(tmp_path):
       touch(str(tmp_path / "many" / "train" / cls / f"{i}.jpg"))
   s = sources.folder_source(str(tmp_path / "many"), "train")
   median = float(np.median(list(counts.values())))
-  assert s.describe() == (f"{tmp_path}/many/train: 19 images in 7 classes "
-                          f"(per class: min 1 in k1, median {median:g}, max 5)")
+  assert s.describe() == (f"{tmp_path}/many/train (19 images in 7 classes: min 1 in k1, "
+                          f"median {median:g}, max 5 per class)")
   for cls, n in (("x", 2), ("y", 3)):
     for i in range(n):
       touch(str(tmp_path / "few" / "train" / cls / f"{i}.png"))
   assert sources.folder_source(str(tmp_path / "few"), "train").describe() == (
-      f"{tmp_path}/few/train: 5 images in 2 classes (x 2, y 3)")
+      f"{tmp_path}/few/train (5 images in 2 classes: x 2, y 3)")
 
 
 def test_any_file_name_the_os_allows_is_read(tmp_path):

@@ -4,7 +4,8 @@ A source is a list of labelled, still-encoded examples; the input pipeline
 orders, shards, decodes and batches them. What a source provides:
 
   num_examples, classes         its length and its label names
-  describe()                    a short name for messages ("<root>/train")
+  describe()                    what it is, for messages and the start-up header
+                                ("<root>/train (N images in K classes: ...)")
   elements(pipe, epoch, offset) a tf.data.Dataset of (data, label, seed, pad)
                                 for this process, from step `offset` of the
                                 epoch, in the order the pipeline `pipe` asks
@@ -159,16 +160,17 @@ class FolderSource(IndexedSource):
   def describe(self) -> str:
     """Where, and how many images per class (the start-up header shows it)."""
     counts, names = self.class_counts, self.classes
-    text = f"{shown(self.root)}/{shown(self.split)}: {self.num_examples} images in {len(names)} classes"
     if len(counts) and counts.min() == counts.max():
-      text += f" ({counts[0]} each)"
+      per = f"{counts[0]} each"
     elif len(names) <= 4:
-      text += " (" + ", ".join(f"{shown(n)} {c}" for n, c in zip(names, counts)) + ")"
-    elif len(names):
+      per = ", ".join(f"{shown(n)} {c}" for n, c in zip(names, counts))
+    else:
       small = int(np.argmin(counts))
-      text += (f" (per class: min {counts[small]} in {shown(names[small])}, median "
-               f"{np.median(counts):g}, max {counts.max()})")
-    return text + (f"; {self.skipped[0]} entries skipped" if self.skipped[0] else "")
+      per = (f"min {counts[small]} in {shown(names[small])}, median {np.median(counts):g}, "
+             f"max {counts.max()} per class")
+    skipped = f"; {self.skipped[0]} entries skipped" if self.skipped[0] else ""
+    return (f"{shown(self.root)}/{shown(self.split)} ({self.num_examples} images in "
+            f"{len(names)} classes: {per}{skipped})")
 
   def name_of(self, position: int) -> str:
     return shown(str(self.paths[position]))
