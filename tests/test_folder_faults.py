@@ -58,6 +58,8 @@ def hostile(tmp_path):
   link("../y", f"{ext}/x/to_y")                     # a cycle between two folders
   link("../x", f"{ext}/y/to_x")
   link("missing.jpg", f"{split}/a/dangling.jpg")
+  os.mkfifo(f"{split}/a/fifo.jpg")                  # would block the reader
+  link("fifo.jpg", f"{split}/a/to_fifo.jpg")
   return str(tmp_path / "data"), split, ext, real
 
 
@@ -70,11 +72,11 @@ def test_links_are_followed_once_and_never_relabel(hostile, caplog):
   assert dict(zip(s.paths.tolist(), s.labels.tolist())) == want
   assert sorted(os.path.realpath(p) for p in s.paths) == sorted(os.path.realpath(p) for p in real)
   assert skipped_kinds(s) == {"symlink loop": 3, "duplicate": 5, "link into another class": 2,
-                              "dangling link": 1}
+                              "dangling link": 1, "not a regular file": 2}
   line = s.skipped[1]
   assert "e.g. " in line and f"{split}/a/to_b -> b" in line and "\n" not in line
   assert [r.getMessage() for r in caplog.records] == [line]
-  assert s.describe().endswith("; 11 entries skipped)")
+  assert s.describe().endswith("; 13 entries skipped)")
 
 
 def test_a_plain_tree_keeps_the_order_of_a_sorted_walk(tmp_path):

@@ -198,10 +198,12 @@ class FolderWalk:
 
   Real folders are walked first, symlinked ones after (so a link never
   shadows the real tree it points into). What is left out is counted by kind,
-  with one example each: a link back into a folder being walked (`loop`), a
-  second route to an indexed folder or file (`duplicate`), a link into
-  another class's folder (`other class`: kept, it would be relabelled),
-  a dangling link, and folders or files that cannot be read."""
+  with one example each: a link to the folder holding it or an ancestor
+  (`symlink loop`), a second route to an indexed folder or file (`duplicate`;
+  this also ends a cycle between two folders), a link into another class's
+  folder (its images would be relabelled), a dangling link, something named
+  like an image that is not a file (a FIFO would block the reader), and
+  folders or files that cannot be read."""
 
   def __init__(self, split_dir: str, classes: tuple):
     self.split_dir, self.classes = split_dir, classes
@@ -258,16 +260,22 @@ class FolderWalk:
         if entry.is_symlink():
           if entry.is_dir():
             self.dir_links.append((label, entry.path, real))
-          elif not entry.is_file():
+          elif not os.path.exists(entry.path):
             self.skip("dangling link", shown(entry.path))
           elif _has_image_ext(entry.name):
             self.file_links.append((label, path, entry.name))
         elif entry.is_dir():
           self.enter(label, entry.path, os.path.join(real, entry.name))
-        elif _has_image_ext(entry.name) and self.readable(entry.path):
+        elif _has_image_ext(entry.name) and self.regular(entry) and self.readable(entry.path):
           names.append(entry.name)
       except OSError as e:
         self.skip("unreadable file", f"{shown(entry.path)} ({e.strerror or e})")
+
+  def regular(self, entry) -> bool:
+    if entry.is_file():
+      return True
+    self.skip("not a regular file", shown(entry.path))
+    return False
 
   def readable(self, path: str) -> bool:
     if os.access(path, os.R_OK):
@@ -283,6 +291,8 @@ class FolderWalk:
     owner = self.owner(os.path.dirname(real))
     if owner is not None and owner != label:
       self.skip("link into another class", f"{shown(path)} -> {shown(self.classes[owner])}")
+    elif not os.path.isfile(real):
+      self.skip("not a regular file", shown(path))
     elif real in self.link_targets or (os.path.dirname(real) in self.seen
                                        and _has_image_ext(real)):
       self.skip("duplicate", shown(path))
