@@ -99,6 +99,23 @@ def _timed_out(address: str, process, count, timeout: int) -> str:
           f"every host, or raise --distributed_timeout")
 
 
+def _port_taken(address: str) -> bool:
+  """Whether something already listens on the coordinator's port here (XLA
+  crashes with a segmentation fault when it cannot bind it)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  try:
+    port = int(address.rpartition(":")[2])
+  except ValueError:
+    return False
+  with socket.socket() as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      sock.bind(("", port))
+    except OSError:
+      return True
+  return False
+
+
 def init_distributed():
   """Join a multi-process run, saying at once whom this process waits for.
 
@@ -120,6 +137,10 @@ def init_distributed():
     _fail("--coordinator_address needs --num_processes and --process_id")
   if address and not (count >= 1 and 0 <= process < count):
     _fail(f"--process_id={process} must be in [0, --num_processes={count})")
+  if address and process == 0 and _port_taken(address):
+    _fail(f"cannot start the coordinator at {address}: its port is in use on this host (another "
+          f"run, or a process of an earlier one still alive?); stop that process or pick "
+          f"another port in --coordinator_address")
   if not address:
     print(f"waiting for the other processes of this job (found from the environment; "
           f"timeout {timeout} s)", flush=True)

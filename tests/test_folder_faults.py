@@ -216,3 +216,21 @@ def test_a_peer_that_never_comes_is_one_error_line(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(error.format(a=address)), err
     assert "--distributed_timeout" in lines[0]
+
+
+def test_a_coordinator_port_in_use_is_one_error_line(tmp_path):
+  """XLA itself crashes (SIGSEGV) when process 0 cannot bind its port."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    address = f"127.0.0.1:{held.getsockname()[1]}"
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "--workdir",
+                          str(tmp_path / "w"), f"--coordinator_address={address}",
+                          "--num_processes=2", "--process_id=0", "--distributed_timeout=5"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stdout == "", out.stderr
+  assert out.stderr.strip() == (f"error: cannot start the coordinator at {address}: its port is "
+                                f"in use on this host (another run, or a process of an earlier "
+                                f"one still alive?); stop that process or pick another port in "
+                                f"--coordinator_address")
