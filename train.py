@@ -78,12 +78,12 @@ def _fail(line: str):
 def _timed_out(address: str, process, count, timeout: int) -> str:
   """What a start-up that timed out tells the user to check."""
   import socket  # pylint: disable=g-import-not-at-top
-  if process is None:
+  if not address:
     return (f"the processes of this job did not all join within {timeout} s (coordinator found "
             f"from {', '.join(k for k in CLUSTER_ENV if k in os.environ)}); check that every "
             f"process started, or raise --distributed_timeout")
   if process == 0:
-    who, state = f"{count - 1} other process{'es' * (count > 2)}", "the coordinator"
+    who, state = f"{count - 1} other process{'es' * (count != 2)}", "the coordinator"
   else:
     host, _, port = address.rpartition(":")
     try:
@@ -145,8 +145,8 @@ def init_distributed():
     print(f"waiting for the other processes of this job (found from the environment; "
           f"timeout {timeout} s)", flush=True)
   elif process == 0:
-    print(f"waiting for {count - 1} peer{'s' * (count > 2)} at {address} (process 0 of {count}, timeout "
-          f"{timeout} s)", flush=True)
+    print(f"waiting for {count - 1} peer{'s' * (count != 2)} at {address} (process 0 of "
+          f"{count}, timeout {timeout} s)", flush=True)
   else:
     print(f"waiting for the coordinator at {address} (process {process} of {count}, timeout "
           f"{timeout} s)", flush=True)

@@ -171,7 +171,8 @@ def check_amr_bounds(m: "MaskingConfig", prefix: str = "masking.") -> None:
     most = min(m.mask_ratio, 1 - m.mask_ratio)
     raise ConfigError(f"{prefix}ratio_var = {m.ratio_var!r} puts the AMR range [{lo:g}, {hi:g}] "
                       f"(mask_ratio +- ratio_var) outside (0, 1): the ratios must lie inside "
-                      f"(0, 1), so with {prefix}mask_ratio = {m.mask_ratio!r} it must be < {most:g}")
+                      f"(0, 1), so with {prefix}mask_ratio = {m.mask_ratio!r} it must be "
+                      f"< {most:g}")
 
 
 def check_relations(cfg: "TrainConfig") -> None:
@@ -179,6 +180,10 @@ def check_relations(cfg: "TrainConfig") -> None:
   if cfg.warmup_epochs > cfg.epochs:
     raise ConfigError(f"warmup_epochs = {cfg.warmup_epochs} is outside its range: it must be "
                       f"in [0, epochs] = [0, {cfg.epochs}]")
+  random = getattr(cfg, "random_epochs", None)  # pre-training's warm-up of random masking
+  if random is not None and random >= cfg.epochs:
+    raise ConfigError(f"random_epochs = {random} is outside its range: it must be in "
+                      f"[0, epochs) = [0, {cfg.epochs}) (the configured masking must run)")
   peak = cfg.blr * cfg.batch_size / 256
   if cfg.min_lr > peak:
     raise ConfigError(f"min_lr = {cfg.min_lr!r} is outside its range: it must be in [0, peak lr] "

@@ -114,6 +114,9 @@ def test_ranges_that_depend_on_other_keys():
   # warm-up: at most the whole run (24 epochs in the demo).
   with pytest.raises(C.ConfigError, match=r"warmup_epochs = 25 .* in \[0, epochs\] = \[0, 24\]"):
     parsed("warmup_epochs", 25)
+  with pytest.raises(C.ConfigError, match=r"random_epochs = 24 .* in \[0, epochs\) = \[0, 24\)"):
+    parsed("random_epochs", 24)
+  assert parsed("random_epochs", 23).random_epochs == 23
   # min_lr above the peak lr 1.5e-3 * 32 / 256 = 1.875e-4 would make the cosine rise.
   with pytest.raises(C.ConfigError, match=r"min_lr = 0.001 .* \[0, 0.0001875\]"):
     parsed("min_lr", 1e-3)
