@@ -28,6 +28,8 @@ flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 flags.DEFINE_bool("dry_run", False, "print the resolved config, the run's header and the "
                   "train step's memory per device; train and write nothing")
+flags.DEFINE_integer("distributed_timeout", 300, "seconds a process waits for all processes "
+                     "of a multi-process run to join before it stops with an error")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -67,12 +69,100 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _fail(line: str):
+  print(f"error: {line}", file=sys.stderr, flush=True)
+  os._exit(2)  # pylint: disable=protected-access
+
+
+def _timed_out(address: str, process, count, timeout: int) -> str:
+  """What a start-up that timed out tells the user to check."""
+  import socket  # pylint: disable=g-import-not-at-top
+  if not address:
+    return (f"the processes of this job did not all join within {timeout} s (coordinator found "
+            f"from {', '.join(k for k in CLUSTER_ENV if k in os.environ)}); check that every "
+            f"process started, or raise --distributed_timeout")
+  if process == 0:
+    who, state = f"{count - 1} other process{'es' * (count != 2)}", "the coordinator"
+  else:
+    host, _, port = address.rpartition(":")
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+      state = "the coordinator answers, so another process is missing"
+    except (OSError, ValueError):
+      state = "nothing answers at that address"
+    who = "the coordinator (process 0)"
+  return (f"timed out after {timeout} s waiting for {who} at {address} (this is process "
+          f"{process} of {count}, {state}): check that all {count} processes were started with "
+          f"--coordinator_address={address} --num_processes={count} and distinct --process_id "
+          f"0..{count - 1}, that process 0 runs on that host and its port is reachable from "
+          f"every host, or raise --distributed_timeout")
+
+
+def _port_taken(address: str) -> bool:
+  """Whether something already listens on the coordinator's port here (XLA
+  crashes with a segmentation fault when it cannot bind it)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  try:
+    port = int(address.rpartition(":")[2])
+  except ValueError:
+    return False
+  with socket.socket() as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      sock.bind(("", port))
+    except OSError:
+      return True
+  return False
+
+
 def init_distributed():
+  """Join a multi-process run, saying at once whom this process waits for.
+
+  jax.distributed.initialize blocks until every process has joined; when its
+  `initialization_timeout` runs out, XLA aborts the process with a C++ stack
+  trace. A watchdog thread ends the wait first (at --distributed_timeout
+  seconds; jax's own deadline is set a little later as a backstop) with one
+  `error:` line and exit status 2."""
+  import threading  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
-    jax.distributed.initialize()
+  address, count, process = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  auto = any(k in os.environ for k in CLUSTER_ENV)
+  if not address and not auto:
+    return
+  timeout = FLAGS.distributed_timeout
+  if timeout < 1:
+    _fail(f"--distributed_timeout={timeout}: must be >= 1 (seconds)")
+  if address and (count is None or process is None):
+    _fail("--coordinator_address needs --num_processes and --process_id")
+  if address and not (count >= 1 and 0 <= process < count):
+    _fail(f"--process_id={process} must be in [0, --num_processes={count})")
+  if address and process == 0 and _port_taken(address):
+    _fail(f"cannot start the coordinator at {address}: its port is in use on this host (another "
+          f"run, or a process of an earlier one still alive?); stop that process or pick "
+          f"another port in --coordinator_address")
+  if not address:
+    print(f"waiting for the other processes of this job (found from the environment; "
+          f"timeout {timeout} s)", flush=True)
+  elif process == 0:
+    print(f"waiting for {count - 1} peer{'s' * (count != 2)} at {address} (process 0 of "
+          f"{count}, timeout {timeout} s)", flush=True)
+  else:
+    print(f"waiting for the coordinator at {address} (process {process} of {count}, timeout "
+          f"{timeout} s)", flush=True)
+  watchdog = threading.Timer(timeout, lambda: _fail(_timed_out(address, process, count,
+                                                               timeout)))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(address, count, process, initialization_timeout=timeout + 10)
+  except (RuntimeError, ValueError) as e:
+    _fail(f"could not join the multi-process run at {address or 'the address jax found'}: "
+          f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+  finally:
+    watchdog.cancel()
 
 
 def main(argv):

@@ -73,13 +73,125 @@ def parse(schema: type, cfg: Mapping, where: str = "") -> Any:
   fields = [f.name for f in dataclasses.fields(schema)]
   prefix = f"{where}." if where else ""
   check_known(cfg.keys(), fields, where)
-  return schema(**{k: _coerce(hints[k], cfg[k], prefix + k) for k in fields if k in cfg})
+  out = schema(**{k: _coerce(hints[k], cfg[k], prefix + k) for k in fields if k in cfg})
+  check_ranges(out, where)
+  return out
 
 
 def defaults(schema: type):
   """A ConfigDict holding the schema's fields and defaults (what recipes start from)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dataclasses.asdict(schema()))
+
+
+# ---- meaningful ranges -------------------------------------------------------
+
+# Every key whose range is known, by its full name (a task's own keys too: a
+# key a schema does not have is never looked at). "[a, b)" as in maths; "inf"
+# for no upper bound. Relations between keys are in `check_relations`.
+RANGES = {
+    "seed": "[0, inf)", "batch_size": "[1, inf)", "accum_steps": "[1, inf)",
+    "epochs": "[1, inf)", "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)",
+    "weight_decay": "[0, inf)", "b1": "[0, 1)", "b2": "[0, 1)", "log_every": "[1, inf)",
+    "log_seconds": "(0, inf)",
+    "checkpoint_every": "[1, inf)", "keep_checkpoints": "[1, inf)", "mesh.fsdp": "[1, inf)",
+    "data.threads": "[0, inf)",
+    "masking.mask_ratio": "(0, 1)", "masking.ratio_var": "[0, 1)", "masking.delta": "[0, 1]",
+    "masking.num_buckets": "[1, inf)",
+    # pre-training (train/pretrain.py)
+    "random_epochs": "[0, inf)", "figure_every": "[1, inf)", "figure_images": "[1, inf)",
+    # fine-tuning and probing (train/classify.py)
+    # (eval_batch_size: check_classify, with whether it splits over the devices)
+    "num_classes": "[0, inf)", "drop_path": "[0, 1)",
+    "layer_decay": "(0, 1]", "smoothing": "[0, 1)", "reprob": "[0, 1]", "eval_every": "[1, inf)",
+    "mixup.mixup_alpha": "[0, inf)", "mixup.cutmix_alpha": "[0, inf)", "mixup.prob": "[0, 1]",
+    "mixup.switch_prob": "[0, 1]",
+    # config.model (checked in build_model_config)
+    "model.img_size": "[1, inf)", "model.patch_size": "[1, inf)", "model.embed_dim": "[1, inf)",
+    "model.depth": "[1, inf)", "model.num_heads": "[1, inf)", "model.decoder_embed_dim": "[1, inf)",
+    "model.decoder_depth": "[1, inf)", "model.decoder_num_heads": "[1, inf)",
+    "model.mlp_ratio": "(0, inf)", "model.decoder_mlp_ratio": "(0, inf)",
+    "model.in_chans": "[1, inf)",
+}
+WHY = {
+    "masking.mask_ratio": " (a fraction of the patches; 0 leaves nothing to reconstruct)",
+    "masking.delta": " (a threshold on salience normalised to [0, 1])",
+    "seed": " (numpy seeds are non-negative)",
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+  """Whether `value` lies in the interval written `spec` (e.g. "[0, 1)")."""
+  lo, hi = (float(x) for x in spec[1:-1].split(","))
+  above = value >= lo if spec[0] == "[" else value > lo
+  below = value <= hi if spec[-1] == "]" else value < hi
+  return above and below
+
+
+def range_text(spec: str) -> str:
+  """"[1, inf)" -> ">= 1", "[0, 1)" -> "in [0, 1)"."""
+  lo, hi = (x.strip() for x in spec[1:-1].split(","))
+  if hi == "inf":
+    return (">= " if spec[0] == "[" else "> ") + lo
+  return f"in {spec}"
+
+
+def check_value(key: str, value: Any) -> None:
+  """A ConfigError naming `key`, `value` and the allowed range if the value is outside it."""
+  spec = RANGES.get(key)
+  if spec is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    return
+  if not in_range(value, spec):
+    raise ConfigError(f"{key} = {value!r} is outside its range: it must be "
+                      f"{range_text(spec)}{WHY.get(key, '')}")
+
+
+def check_ranges(section: Any, where: str = "", nested: bool = False) -> None:
+  """Each field of a section checked against RANGES (`parse` checks each
+  section as it parses it; `nested` also walks the sections inside); a whole
+  TrainConfig also gets `check_relations`."""
+  prefix = f"{where}." if where else ""
+  for f in dataclasses.fields(section):
+    value = getattr(section, f.name)
+    if nested and dataclasses.is_dataclass(value):
+      check_ranges(value, prefix + f.name, nested=True)
+    check_value(prefix + f.name, value)
+  if isinstance(section, MaskingConfig):
+    check_amr_bounds(section, prefix)
+  if isinstance(section, TrainConfig) and not where:
+    check_relations(section)
+
+
+def check_amr_bounds(m: "MaskingConfig", prefix: str = "masking.") -> None:
+  """SBAM's adaptive ratios lie in [mask_ratio - ratio_var, mask_ratio + ratio_var],
+  which must stay inside (0, 1)."""
+  if m.method != masking.SBAM or m.ratio_var <= 0:
+    return
+  lo, hi = m.mask_ratio - m.ratio_var, m.mask_ratio + m.ratio_var
+  if not 0 < lo < hi < 1:
+    most = min(m.mask_ratio, 1 - m.mask_ratio)
+    raise ConfigError(f"{prefix}ratio_var = {m.ratio_var!r} puts the AMR range [{lo:g}, {hi:g}] "
+                      f"(mask_ratio +- ratio_var) outside (0, 1): the ratios must lie inside "
+                      f"(0, 1), so with {prefix}mask_ratio = {m.mask_ratio!r} it must be "
+                      f"< {most:g}")
+
+
+def check_relations(cfg: "TrainConfig") -> None:
+  """Ranges that depend on other keys."""
+  if cfg.warmup_epochs > cfg.epochs:
+    raise ConfigError(f"warmup_epochs = {cfg.warmup_epochs} is outside its range: it must be "
+                      f"in [0, epochs] = [0, {cfg.epochs}]")
+  random = getattr(cfg, "random_epochs", None)  # pre-training's warm-up of random masking
+  if random is not None and random >= cfg.epochs:
+    raise ConfigError(f"random_epochs = {random} is outside its range: it must be in "
+                      f"[0, epochs) = [0, {cfg.epochs}) (the configured masking must run)")
+  peak = cfg.blr * cfg.batch_size / 256
+  if cfg.min_lr > peak:
+    raise ConfigError(f"min_lr = {cfg.min_lr!r} is outside its range: it must be in [0, peak lr] "
+                      f"= [0, {peak:g}] (blr * batch_size / 256), or the cosine would rise")
+  if cfg.mesh.data != -1 and cfg.mesh.data < 1:
+    raise ConfigError(f"mesh.data = {cfg.mesh.data} is outside its range: it must be -1 (all "
+                      f"devices not used by fsdp) or >= 1")
 
 
 # ---- sections shared by every task ------------------------------------------
@@ -134,27 +246,15 @@ class TrainConfig:
   resume_override: str = ""     # card fields a resume may change, e.g. 'batch_size' (workdir.py)
 
   def check(self, *, num_devices: int, num_processes: int) -> int:
-    """Checks every task needs; returns the global micro-batch size."""
+    """Ranges (again, for configs not made by `parse`), then what depends on
+    the devices; returns the global micro-batch size."""
+    check_ranges(self, nested=True)
     batch, accum = self.batch_size, self.accum_steps
-    if accum < 1:
-      raise ConfigError(f"accum_steps must be >= 1, got {accum}")
-    if batch < 1 or batch % (accum * num_devices) or batch % (accum * num_processes):
+    if batch % (accum * num_devices) or batch % (accum * num_processes):
       raise ConfigError(f"batch_size {batch} must split into accum_steps ({accum}) x "
                         f"{num_devices} devices (and {num_processes} processes)")
-    if not 0 <= self.warmup_epochs < self.epochs:
-      raise ConfigError(f"need 0 <= warmup_epochs ({self.warmup_epochs}) < epochs "
-                        f"({self.epochs})")
-    if self.blr <= 0 or self.min_lr < 0:
-      raise ConfigError(f"blr must be > 0 and min_lr >= 0, got {self.blr}, {self.min_lr}")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-      if getattr(self, key) < 1:
-        raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-    if not self.log_seconds > 0:
-      raise ConfigError(f"log_seconds must be > 0, got {self.log_seconds}")
-    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
-      raise ConfigError(f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}")
     fsdp = self.mesh.fsdp
-    if fsdp < 1 or num_devices % fsdp:
+    if num_devices % fsdp:
       raise ConfigError(f"mesh.fsdp={fsdp} must divide the {num_devices} devices")
     registry.lookup("source", self.data.source, where="data.source")
     _check_data_keys(self.data)
@@ -181,6 +281,16 @@ def build_model_config(cfg: Mapping) -> ModelConfig:
   size = values.pop("size", "base")
   if size not in SIZES:
     raise ConfigError(f"model.size must be one of {SIZES}, got {size!r}")
+  hints = typing.get_type_hints(ModelConfig)
+  for key, value in values.items():
+    if hints[key] in (bool, int, float, str):
+      values[key] = value = _coerce(hints[key], value, f"model.{key}")
+    check_value(f"model.{key}", value)
+  base = model_config(size)
+  img, patch = (values.get(k, getattr(base, k)) for k in ("img_size", "patch_size"))
+  if img % patch:
+    raise ConfigError(f"model.img_size = {img} is outside its range: it must be a multiple of "
+                      f"patch_size ({patch})")
   try:
     return model_config(size, **values)
   except (TypeError, ValueError) as e:
