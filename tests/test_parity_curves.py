@@ -102,7 +102,8 @@ def _wrong_accumulation(monkeypatch, run):
       def loss_fn(params, fixed, stats, batch, key, step):
         value, (diag, stats) = fn(params, fixed, stats, batch, key, step)
         w = jax.lax.stop_gradient(diag["mask_ratio_mean"] / task.spec.mask_ratio)
-        return value * w, (diag, stats)
+        # The gradient is weighted; the reported loss is not (only training can show it).
+        return value * w - jax.lax.stop_gradient(value * w - value), (diag, stats)
       return loss_fn
 
     task.loss = weighted
