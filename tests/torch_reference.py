@@ -230,8 +230,11 @@ class TorchViT(nn.Module):
       self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
     self.head = nn.Linear(embed_dim, num_classes)
 
-  def forward(self, imgs):
+  def forward(self, imgs, token_order=None):
+    """`token_order` permutes the patch tokens (same result, other summation order)."""
     x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+    if token_order is not None:
+      x = x[:, token_order]
     cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
     for blk in self.blocks:
@@ -295,3 +298,79 @@ class TorchLARS(torch.optim.Optimizer):
           state["mu"] = torch.zeros_like(p)
         state["mu"].mul_(g["momentum"]).add_(dp)
         p.add_(state["mu"], alpha=-g["lr"])
+
+
+# ---- many-step training, as MAE's engine_pretrain / engine_finetune (float32, one process)
+
+def mae_adjust_lr(epoch, *, lr, min_lr, warmup_epochs, epochs):
+  """MAE util/lr_sched.adjust_learning_rate: the lr at fractional `epoch`."""
+  if epoch < warmup_epochs:
+    return lr * epoch / warmup_epochs
+  return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) /
+                                                         (epochs - warmup_epochs)))
+
+
+def pretrain_param_groups(model, weight_decay):
+  """timm's optim_factory.add_weight_decay as main_pretrain calls it: no decay
+  for 1-D tensors and `*.bias`, decay for everything else."""
+  decay, no_decay = [], []
+  for name, p in model.named_parameters():
+    if not p.requires_grad:
+      continue
+    (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+  return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class TorchProbe(nn.Module):
+  """main_linprobe's model: a frozen ViT (cls token + norm) whose head is
+  BatchNorm1d(affine=False, eps=1e-6) + Linear."""
+
+  def __init__(self, vit: "TorchViT"):
+    super().__init__()
+    self.vit = vit
+    self.head_bn = nn.BatchNorm1d(vit.head.in_features, affine=False, eps=1e-6)
+    for name, p in vit.named_parameters():
+      p.requires_grad = name.startswith("head.")
+
+  def forward(self, imgs, token_order=None):
+    v = self.vit
+    with torch.no_grad():
+      x = v.patch_embed(imgs) + v.pos_embed[:, 1:, :]
+      if token_order is not None:
+        x = x[:, token_order]
+      cls = (v.cls_token + v.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+      x = torch.cat([cls, x], dim=1)
+      for blk in v.blocks:
+        x = blk(x)
+      feat = v.norm(x)[:, 0]
+    return v.head(self.head_bn(feat))
+
+
+class ReferenceLoop:
+  """engine_*.train_one_epoch: per optimizer step, set every group's lr to
+  lr_sched(epoch) * lr_scale (evaluated at the first micro-step), then
+  `loss / accum_iter` backward per micro-batch, then one optimizer step.
+
+  `reorder` runs the same arithmetic in another float32 summation order:
+  micro-batches in reverse order, samples reversed inside each (the closure
+  gets the flag), which is what measures float32 reordering noise."""
+
+  def __init__(self, optimizer, lr_fn, steps_per_epoch, accum_iter, reorder=False):
+    self.opt, self.lr_fn, self.spe, self.accum = optimizer, lr_fn, steps_per_epoch, accum_iter
+    self.reorder = reorder
+
+  def step(self, step, micro_batches, loss_fn):
+    """micro_batches: list of whatever `loss_fn(mb, reversed)` takes. Returns
+    the mean micro-batch loss (what the JAX step reports)."""
+    lr = self.lr_fn(step / self.spe)
+    for g in self.opt.param_groups:
+      g["lr"] = lr * g.get("lr_scale", 1.0)
+    self.opt.zero_grad(set_to_none=True)
+    order = range(len(micro_batches))
+    total = 0.0
+    for i in (reversed(order) if self.reorder else order):
+      loss = loss_fn(micro_batches[i], self.reorder)
+      (loss / self.accum).backward()
+      total += loss.item()
+    self.opt.step()
+    return total / len(micro_batches), lr
