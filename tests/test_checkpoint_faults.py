@@ -169,16 +169,20 @@ def test_intact_step_of_another_layout_is_not_moved(copy):
   assert C.list_steps(copy) == list(STEPS)
 
 
-def test_steps_saved_before_records_are_checked_by_reading(copy):
+def test_steps_saved_before_records_are_adopted(copy, capsys):
+  """A folder of an earlier version (no records): reading tells damage, and
+  the trainer records what it finds, so later damage is caught."""
   for step in STEPS:
     os.remove(os.path.join(copy, str(step), C.RECORD))
-  os.remove(os.path.join(copy, C.POLICY))  # as a workdir of an earlier version
   truncate(copy, 15)
   state, step = restore(copy)
   assert step == 10
   assert_state(state, 10)
-  with open(os.path.join(copy, C.POLICY)) as f:
-    assert f.read().count("10") == 1  # listed as unrecorded by the new Checkpointer
+  assert "checkpoint step 15 is damaged: cannot be read" in capsys.readouterr().err
+  assert C.verify_step(copy, 10) == (None, False)  # adopted: a record, not of the save
+  bit_flip(copy, 10)
+  assert restore(copy)[1] == 5
+  assert "step 10 is damaged" in capsys.readouterr().err
 
 
 def _workdir(copy):
@@ -223,7 +227,7 @@ def test_failure_in_the_background_save_stops_at_the_next_save(tmp_path, monkeyp
   assert os.strerror(code) in message and directory in message and "\n" not in message
   assert "saving checkpoint step 10" in message and "last good checkpoint is step 5" in message
   assert "MiB (the size of step 5)" in message
-  assert sorted(os.listdir(directory)) == sorted(["5", C.POLICY])  # no half step left
+  assert os.listdir(directory) == ["5"]  # no half-written step left
   monkeypatch.undo()
   state, step = restore(directory)
   assert step == 5
@@ -249,7 +253,7 @@ def test_full_disk_stops_the_save_and_keeps_the_last_step(tmp_path):
     ckpt.close()
     message = str(e.value)
     assert "No space left on device" in message and "last good checkpoint is step 5" in message
-    assert sorted(os.listdir(directory)) == sorted(["5", C.POLICY])  # no half step left
+    assert os.listdir(directory) == ["5"]  # no half-written step left
     state, step = restore(directory)
     assert step == 5
     assert_state(state, 5)
@@ -269,3 +273,99 @@ def test_keep_deletes_only_behind_complete_steps(tmp_path):
   ckpt.save(25, jax.tree.map(jnp.asarray, reference(0)))
   ckpt.close()
   assert C.list_steps(directory) == [15, 20, 25]  # 15 stays: only 25 is complete after it
+
+
+# ---------------------------------------------------------------------------
+# End to end: train.py on the demo config, 30 steps, a checkpoint every 5.
+
+RUN = ["--config.epochs=2", "--config.warmup_epochs=1", "--config.random_epochs=1",
+       "--config.evals.knn.every=0", "--config.log_every=5", "--config.checkpoint_every=5",
+       "--config.figure_every=1000"]
+
+# train.py, killed (SIGKILL) inside the save of step 20: every file of the step
+# is written, the commit (rename) has not happened.
+KILLED_IN_SAVE = """
+import os, runpy, signal, sys
+from sbam_jax.train import checkpointing
+write = checkpointing.write_record
+def write_or_die(folder, step):
+  if step == 20:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return write(folder, step)
+checkpointing.write_record = write_or_die
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+def train(workdir, cache, *, code=None):
+  """(exit status, stdout, stderr) of train.py (or `code` given its arguments)."""
+  env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  head = ["-c", code] if code else [os.path.join(ROOT, "train.py")]
+  proc = subprocess.run([sys.executable, *head, "--config", os.path.join(ROOT, "configs", "demo.py"),
+                         "--workdir", str(workdir), *RUN], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+  workdir = tmp_path_factory.mktemp("straight")
+  status, out, err = train(workdir, cache)
+  assert status == 0, out + err
+  return workdir
+
+
+def assert_same_final_state(a, b):
+  (step_a, state_a), (step_b, state_b) = final_state(a), final_state(b)
+  assert step_a == step_b == 30
+  leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kill_in_a_save_and_a_damaged_step_resume_bit_identically(tmp_path, cache, straight,
+                                                                   capsys):
+  """Killed inside the save of step 20, then step 15 bit-flipped: the export
+  and the resume both use step 10, and training to the end gives the
+  uninterrupted run's state bit for bit."""
+  directory = str(tmp_path / "checkpoints")
+  status, out, err = train(tmp_path, cache, code=KILLED_IN_SAVE)
+  assert status == -9, out + err
+  assert C.list_steps(directory) == [5, 10, 15]  # step 20 was never committed
+  bit_flip(directory, 15)
+  import convert_checkpoints  # pylint: disable=g-import-not-at-top
+  assert convert_checkpoints.main(["to-torch", str(tmp_path), str(tmp_path / "w.pth")]) == 0
+  assert "checkpoint step 15 is damaged" in capsys.readouterr().err
+  assert C.list_steps(directory) == [5, 10, 15]  # the export moves nothing
+  status, out, err = train(tmp_path, cache)
+  assert status == 0, out + err
+  assert "checkpoint step 15 is damaged: " in err and "sha256" in err
+  assert f"resuming from {directory}/10" in out
+  assert os.listdir(os.path.join(directory, "damaged")) == ["15.1"]
+  assert_same_final_state(straight, tmp_path)
+
+
+def test_full_disk_ends_the_run_with_one_line(tmp_path, cache):
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    status, out, err = train(mount / "run", cache)
+    assert status == 2, out + err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in errors[0] and "last good checkpoint is step 5" in errors[0]
+    assert C.list_steps(str(mount / "run" / "checkpoints")) == [5]
+    assert C.verify_step(str(mount / "run" / "checkpoints"), 5) == (None, True)
+    assert "step 30/30" not in out  # stopped, not trained on without saves
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)

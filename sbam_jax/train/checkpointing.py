@@ -12,8 +12,9 @@ record too: a step folder without a record was not finished by this code
 (or was tampered with). Restore checks the record, reads the step and checks
 that every float array is finite; a step that fails is reported on one line,
 moved to `checkpoints/damaged/<step>.<n>` (never deleted) and the next older
-step is tried. Steps written before records existed are listed in
-`sbam_records.json` and are checked by reading only.
+step is tried. A folder saved before records existed gets records when the
+trainer opens it, marked `adopted`: they guard against later damage, and a
+read failure of such a step counts as damage, not as a config mismatch.
 
 Keeping: orbax deletes nothing itself. A step is deleted only once `keep`
 newer steps are committed with their records (and their files have the
@@ -45,7 +46,6 @@ from sbam_jax.errors import CheckpointError
 
 RECORD = "sbam_integrity.json"
 RECORD_FORMAT = "sbam_jax.integrity/1"
-POLICY = "sbam_records.json"  # in checkpoints/: steps that predate records
 DAMAGED = "damaged"
 _TMP = ".orbax-checkpoint-tmp"
 # Orbax rewrites its step metadata (times) after the hook, and adds the commit
@@ -81,12 +81,13 @@ def _write_json(path: str, obj) -> None:
   os.replace(path + ".tmp", path)
 
 
-def write_record(folder: str, step: int) -> dict:
-  """Size and sha256 of every file under a step folder, stored in it."""
+def write_record(folder: str, step: int, *, adopted: bool = False) -> dict:
+  """Size and sha256 of every file under a step folder, stored in it
+  (`adopted`: of a step written before records, not as it was written)."""
   files = {rel: {"size": os.path.getsize(os.path.join(folder, rel)),
                  "sha256": _sha256(os.path.join(folder, rel))} for rel in _files(folder)}
   record = {"format": RECORD_FORMAT, "step": int(step), "files": files,
-            "bytes": sum(f["size"] for f in files.values())}
+            "bytes": sum(f["size"] for f in files.values()), "adopted": adopted}
   _write_json(os.path.join(folder, RECORD), record)
   return record
 
@@ -122,19 +123,6 @@ def check_files(folder: str, record: dict, *, hashes: bool = True):
   return None
 
 
-def unrecorded_steps(directory: str):
-  """Steps that predate integrity records; None when the folder has no
-  policy file (written by a version without records: all steps are)."""
-  try:
-    with open(os.path.join(directory, POLICY)) as f:
-      return set(json.load(f)["unrecorded_steps"])
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError, KeyError) as e:
-    raise CheckpointError(f"{os.path.join(directory, POLICY)} cannot be read ({e}); it lists "
-                          f"the steps saved without integrity records") from None
-
-
 def list_steps(directory: str) -> list[int]:
   if not os.path.isdir(directory):
     return []
@@ -142,18 +130,24 @@ def list_steps(directory: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
 
 
-def verify_step(directory: str, step: int, legacy) -> tuple:
-  """(reason it is damaged or None, whether a record vouched for its files)."""
+def has_records(directory: str) -> bool:
+  """Whether this folder's steps are written with records (any step has one)."""
+  return any(os.path.exists(os.path.join(directory, str(s), RECORD)) for s in list_steps(directory))
+
+
+def verify_step(directory: str, step: int, recorded: bool = True) -> tuple:
+  """(reason it is damaged or None, whether a record of its save vouches for
+  its files). `recorded`: the folder's steps have records (else reading the
+  step must tell)."""
   folder = os.path.join(directory, str(step))
   try:
     record = read_record(folder)
   except ValueError as e:
     return str(e), False
   if record is None:
-    if legacy is None or step in legacy:
-      return None, False  # saved before records existed: reading must tell
-    return "no integrity record (its save did not finish, or the record was deleted)", False
-  return check_files(folder, record), True
+    return (("no integrity record (its save did not finish, or the record was deleted)"
+             if recorded else None), False)
+  return check_files(folder, record), not record.get("adopted", False)
 
 
 def one_line(error: BaseException, limit: int = 240) -> str:
@@ -190,10 +184,9 @@ def newest_good(directory: str, read, *, move: bool, say=None):
   damage (another model, another state layout): CheckpointError, nothing moved.
   """
   say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-  legacy, found = unrecorded_steps(directory), []
-  steps = sorted(list_steps(directory), reverse=True)
-  for step in steps:
-    reason, vouched = verify_step(directory, step, legacy)
+  recorded, found = has_records(directory), []
+  for step in sorted(list_steps(directory), reverse=True):
+    reason, vouched = verify_step(directory, step, recorded)
     if reason is None:
       try:
         return step, read(step)
@@ -211,7 +204,8 @@ def newest_good(directory: str, read, *, move: bool, say=None):
         where = f"; moved to {move_aside(directory, step)}"
       except OSError as e:
         where = f"; could not be moved aside ({e.strerror})"
-    say(f"checkpoint step {step} is damaged: {reason}{where}")
+    if jax.process_index() == 0:
+      say(f"checkpoint step {step} is damaged: {reason}{where}")
     found.append(f"step {step}: {reason}")
   raise CheckpointError(no_good_message(directory, found, moved=move))
 
@@ -271,10 +265,9 @@ class Checkpointer:
         async_options=ocp.options.AsyncOptions(post_finalization_callback=self._record_pending))
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options)
-      if jax.process_index() == 0 and not os.path.exists(os.path.join(self.directory, POLICY)):
-        # Steps already here were saved without records; later ones have one.
-        _write_json(os.path.join(self.directory, POLICY),
-                    {"unrecorded_steps": list_steps(self.directory)})
+      if jax.process_index() == 0 and not has_records(self.directory):
+        for step in list_steps(self.directory):  # saved by a version without records
+          write_record(os.path.join(self.directory, str(step)), step, adopted=True)
     except OSError as e:
       raise CheckpointError(f"cannot write checkpoints to {self.directory}: "
                             f"{one_line(e)}") from None
