@@ -12,7 +12,8 @@ reader never sees half a checkpoint.
 A training workdir (train.py) holds its own card (`sbam_jax.json`, format
 `sbam_jax.workdir/1`) beside `checkpoints/` (orbax CheckpointManager of the
 whole TrainState); `load_weights` reads either kind of folder, the workdir's
-latest step, weights only (params + fixed tables + statistics).
+newest step that verifies (train/checkpointing.py), weights only (params +
+fixed tables + statistics).
 
 The card (`sbam_jax.json`) is JSON with: `format` (`sbam_jax.params/1` or
 `sbam_jax.workdir/1`), `kind` (`pretrain` | `encoder` | `finetuned` |
@@ -168,9 +169,13 @@ def load_weights(path: str) -> tuple[dict, dict]:
   from sbam_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   directory = os.path.join(path, "checkpoints")
   if not checkpointing.list_steps(directory):
-    raise CheckpointError(f"training workdir {path} has no checkpoint yet")
-  step, params = checkpointing.newest_good(directory, lambda s: _workdir_weights(directory, s),
-                                           move=False)
+    raise FileNotFoundError(f"training workdir {path} has no checkpoint yet")
+  step, params, damaged = checkpointing.newest_good(
+      directory, lambda s: _workdir_weights(directory, s))
+  checkpointing.report_damaged(directory, damaged, move=False)
+  if step is None:
+    raise CheckpointError(checkpointing.no_good_message(
+        directory, [f"step {s}: {r}" for s, r in damaged], moved=False))
   return params, {**card, "step": int(step)}
 
 

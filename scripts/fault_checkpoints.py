@@ -44,8 +44,9 @@ runpy.run_path("train.py", run_name="__main__")
 
 def train(workdir: str, cache: str, code: str | None = None):
   head = ["-c", code] if code else [os.path.join(ROOT, "train.py")]
-  proc = subprocess.run([sys.executable, *head, "--config", os.path.join(ROOT, "configs", "demo.py"),
-                         "--workdir", workdir, *RUN], cwd=ROOT, capture_output=True, text=True,
+  config = os.path.join(ROOT, "configs", "demo.py")
+  proc = subprocess.run([sys.executable, *head, "--config", config, "--workdir", workdir, *RUN],
+                        cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, SBAM_JAX_CACHE=cache))
   return proc.returncode, proc.stdout, proc.stderr
 

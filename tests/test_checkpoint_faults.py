@@ -307,9 +307,9 @@ def train(workdir, cache, *, code=None):
   """(exit status, stdout, stderr) of train.py (or `code` given its arguments)."""
   env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   head = ["-c", code] if code else [os.path.join(ROOT, "train.py")]
-  proc = subprocess.run([sys.executable, *head, "--config", os.path.join(ROOT, "configs", "demo.py"),
-                         "--workdir", str(workdir), *RUN], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+  config = os.path.join(ROOT, "configs", "demo.py")
+  proc = subprocess.run([sys.executable, *head, "--config", config, "--workdir", str(workdir),
+                         *RUN], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   return proc.returncode, proc.stdout, proc.stderr
 
 

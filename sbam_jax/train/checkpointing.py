@@ -176,20 +176,21 @@ def move_aside(directory: str, step: int) -> str:
   return target
 
 
-def newest_good(directory: str, read, *, move: bool, say=None):
-  """(step, read(step)) of the newest step that verifies and reads.
+def newest_good(directory: str, read):
+  """(step or None, read(step) or None, [(damaged step, reason)] newer than it).
 
-  `read` raises for a step that cannot be used (NonFinite included). A step
-  whose record vouches for its files but which still cannot be read is not
-  damage (another model, another state layout): CheckpointError, nothing moved.
+  Moves nothing: every process reaches the same verdicts before process 0
+  moves anything. `read` raises for a step that cannot be used (NonFinite
+  included). A step whose record vouches for its files but which still cannot
+  be read is not damage (another model, another state layout):
+  CheckpointError at once.
   """
-  say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-  recorded, found = has_records(directory), []
+  recorded, damaged = has_records(directory), []
   for step in sorted(list_steps(directory), reverse=True):
     reason, vouched = verify_step(directory, step, recorded)
     if reason is None:
       try:
-        return step, read(step)
+        return step, read(step), damaged
       except NonFinite as e:
         reason = str(e)
       except Exception as e:  # pylint: disable=broad-except  (tensorstore raises many kinds)
@@ -198,16 +199,22 @@ def newest_good(directory: str, read, *, move: bool, say=None):
                                 f"but cannot be read as this run's state: {one_line(e)}. Was "
                                 f"it written with another model or config?") from None
         reason = f"cannot be read: {one_line(e)}"
+    damaged.append((step, reason))
+  return None, None, damaged
+
+
+def report_damaged(directory: str, damaged: list, *, move: bool) -> None:
+  """One stderr line per damaged step (process 0), moving it aside if `move`."""
+  if jax.process_index() != 0:
+    return
+  for step, reason in damaged:
     where = ""
-    if move and jax.process_index() == 0:
+    if move:
       try:
         where = f"; moved to {move_aside(directory, step)}"
       except OSError as e:
         where = f"; could not be moved aside ({e.strerror})"
-    if jax.process_index() == 0:
-      say(f"checkpoint step {step} is damaged: {reason}{where}")
-    found.append(f"step {step}: {reason}")
-  raise CheckpointError(no_good_message(directory, found, moved=move))
+    print(f"checkpoint step {step} is damaged: {reason}{where}", file=sys.stderr, flush=True)
 
 
 def no_good_message(directory: str, found: list, *, moved: bool) -> str:
@@ -268,6 +275,7 @@ class Checkpointer:
       if jax.process_index() == 0 and not has_records(self.directory):
         for step in list_steps(self.directory):  # saved by a version without records
           write_record(os.path.join(self.directory, str(step)), step, adopted=True)
+      _sync("sbam_jax checkpoint records adopted")
     except OSError as e:
       raise CheckpointError(f"cannot write checkpoints to {self.directory}: "
                             f"{one_line(e)}") from None
@@ -352,7 +360,8 @@ class Checkpointer:
       free = f", {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
     except OSError:
       free = ""
-    need = f"; it needs about {size / 2**20:.1f} MiB (the size of step {last}){free}" if size else ""
+    need = (f"; it needs about {size / 2**20:.1f} MiB (the size of step {last}){free}"
+            if size else "")
     kept = (f"the last good checkpoint is step {last}, intact" if last is not None else
             "there is no earlier checkpoint")
     raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: "
@@ -373,15 +382,29 @@ class Checkpointer:
       if os.path.isdir(damaged) and os.listdir(damaged):
         raise CheckpointError(no_good_message(self.directory, [], moved=True))
       return None
-    try:
-      step, state = newest_good(self.directory, lambda s: self.restore(s, abstract_state),
-                                move=True)
-    finally:
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        multihost_utils.sync_global_devices("sbam_jax checkpoints verified")
-      self.manager.reload()
+    step, state, damaged = newest_good(self.directory, lambda s: self._read(s, abstract_state))
+    _sync("sbam_jax checkpoints verified")
+    report_damaged(self.directory, damaged, move=True)
+    _sync("sbam_jax damaged checkpoints moved")
+    self.manager.reload()
+    if step is None:
+      raise CheckpointError(no_good_message(self.directory, [f"step {s}: {r}" for s, r in damaged],
+                                            moved=True))
     return state, step
+
+  def _read(self, step: int, abstract_state):
+    """restore(), failing on every process if it failed on any."""
+    try:
+      state, error = self.restore(step, abstract_state), None
+    except Exception as e:  # pylint: disable=broad-except
+      state, error = None, e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if not all(multihost_utils.process_allgather(jax.numpy.int32(error is None))):
+        error = error or NonFinite("another process could not read it")
+    if error is not None:
+      raise error
+    return state
 
   def wait(self) -> None:
     self._settle()
@@ -397,6 +420,12 @@ class Checkpointer:
         if not self._failed:
           raise
       logging.getLogger("absl").removeFilter(self._filter)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 class Preemption:
