@@ -47,7 +47,9 @@ def train(workdir: str, cache: str, code: str | None = None):
   config = os.path.join(ROOT, "configs", "demo.py")
   proc = subprocess.run([sys.executable, *head, "--config", config, "--workdir", workdir, *RUN],
                         cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, SBAM_JAX_CACHE=cache))
+                        env=dict(os.environ, SBAM_JAX_CACHE=cache,  # + compiled programs
+                                 JAX_COMPILATION_CACHE_DIR=os.path.join(cache, "xla"),
+                                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
   return proc.returncode, proc.stdout, proc.stderr
 
 
