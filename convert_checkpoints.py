@@ -3,7 +3,10 @@
   to-jax   SRC  DST_DIR   a checkpoint in any supported format -> this project's
                           checkpoint folder
   to-torch SRC_DIR  DST   this project's checkpoint, or a training workdir (its
-                          latest step) -> --format mae (default) | timm | hf
+                          newest step that verifies, as the trainer checks
+                          it: damaged newer steps are named on stderr and
+                          skipped, none good is one error) -> --format mae
+                          (default) | timm | hf
 
 SRC of to-jax:
   FILE.pth             MAE / SBAM / timm state dict or training checkpoint
@@ -111,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="resample position tables to this image size")
   a.add_argument("--force", action="store_true", help="replace an existing output")
   b = sub.add_parser("to-torch", help="sbam_jax checkpoint folder -> MAE / timm / Hugging Face")
-  b.add_argument("src", help="the checkpoint folder or a training workdir")
+  b.add_argument("src", help="the checkpoint folder or a training workdir (its newest good step)")
   b.add_argument("dst", help="output file (.pth / .safetensors) or folder (hf, timm)")
   b.add_argument("--format", choices=exporters.FORMATS, default="mae",
                  help="key layout and container of the output (default mae)")

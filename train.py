@@ -172,12 +172,12 @@ def main(argv):
   from sbam_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
     status = loop.run(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
+  except WriteError as e:  # (a failed checkpoint save is one too)
+    print(f"error: {e}", file=sys.stderr)
+    status = 4
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     status = 2
-  except WriteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    status = 4
   sys.exit(status)
 
 

@@ -12,7 +12,8 @@ reader never sees half a checkpoint.
 A training workdir (train.py) holds its own card (`sbam_jax.json`, format
 `sbam_jax.workdir/1`) beside `checkpoints/` (orbax CheckpointManager of the
 whole TrainState); `load_weights` reads either kind of folder, the workdir's
-latest step, weights only (params + fixed tables + statistics).
+newest step that verifies (train/checkpointing.py), weights only (params +
+fixed tables + statistics).
 
 The card (`sbam_jax.json`) is JSON with: `format` (`sbam_jax.params/1` or
 `sbam_jax.workdir/1`), `kind` (`pretrain` | `encoder` | `finetuned` |
@@ -156,28 +157,44 @@ def deep_merge(*trees: dict) -> dict:
 
 def load_weights(path: str) -> tuple[dict, dict]:
   """(full model state as a nested dict of numpy arrays, card) from a parameter
-  checkpoint or a training workdir (its latest step)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  checkpoint or a training workdir: its newest step that passes the trainer's
+  verification (integrity record, readable, finite); damaged newer steps are
+  reported on stderr and skipped, never moved (a run may be writing them)."""
   path = os.path.abspath(path)
   card = read_card(path, "is neither a sbam_jax checkpoint nor a training workdir (convert "
                          "PyTorch .pth files with convert_checkpoints.py)")
   if card.get("format") != WORKDIR_FORMAT:
     return load_params(path)
-  manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
-  step = manager.latest_step()
-  manager.close()
-  if step is None:
+  from sbam_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  from sbam_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(path, "checkpoints")
+  if not checkpointing.list_steps(directory):
     raise FileNotFoundError(f"training workdir {path} has no checkpoint yet")
-  item = os.path.join(path, "checkpoints", str(step), "default")
+  step, params, damaged = checkpointing.newest_good(
+      directory, lambda s: _workdir_weights(directory, s))
+  checkpointing.report_damaged(directory, damaged, move=False)
+  if step is None:
+    raise CheckpointError(checkpointing.no_good_message(
+        directory, [f"step {s}: {r}" for s, r in damaged], moved=False))
+  return params, {**card, "step": int(step)}
+
+
+def _workdir_weights(directory: str, step: int) -> dict:
+  """Weights only (params + fixed tables + statistics) of one training step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top  (orbax's path type)
+  from sbam_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  item = os.path.join(directory, str(step), "default")
   meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
   tree = meta.tree if hasattr(meta, "tree") else meta
   wanted = {k: tree[k] for k in ("params", "fixed", "stats") if k in tree}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   out = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
       item=wanted, restore_args=restore_args, partial_restore=True))
-  return _to_numpy(deep_merge(*(out[k] for k in wanted))), {**card, "step": int(step)}
+  weights = _to_numpy(deep_merge(*(out[k] for k in wanted)))
+  checkpointing.check_finite(weights, lambda x: bool(np.isfinite(x).all()))
+  return weights
 
 
 class LoadedModel(NamedTuple):

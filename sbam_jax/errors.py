@@ -1,9 +1,9 @@
 """The errors a run reports as one line: a config that cannot work, data that
-cannot be read (user errors), and an output that cannot be written.
+cannot be read (checkpoints included), and an output that cannot be written.
 
 `train.py` prints each as one line (`error: ...`) and exits with status 2
-for user errors, 4 for outputs; everything else is a bug and keeps its
-traceback. A leaf module, so any layer may raise them.
+for user errors, 4 for outputs that could not be written; everything else is
+a bug and keeps its traceback. A leaf module, so any layer may raise them.
 """
 
 
@@ -16,6 +16,17 @@ class DataError(ValueError):
   which path or dataset and what to do."""
 
 
-class WriteError(OSError):
-  """An output (log, card, figure) could not be written whole: the run stops
-  rather than go on with work it cannot record."""
+class WriteError(Exception):
+  """An output (log, card, figure, checkpoint) could not be written whole: the
+  run stops rather than go on with work it cannot record."""
+
+
+class CheckpointError(DataError):
+  """A workdir's checkpoints cannot be used (none passes verification): the
+  message names the folder, what was found, and the last good step. A
+  DataError, so the trainer and `convert_checkpoints.py` print it as one line."""
+
+
+class SaveError(CheckpointError, WriteError):
+  """A checkpoint save failed (disk full, permission, I/O): the message names
+  the path, the space needed and the last good step, which stays intact."""

@@ -101,12 +101,12 @@ def _restore_or_init(task, ckpt):
   abstract = jax.eval_shape(lambda: task.init_state(False))  # shapes only, reads no file
   replicated = NamedSharding(task.mesh, P())
   state_sh = sharding.tree_shardings(task.mesh, abstract).replace(rng=replicated, step=replicated)
-  latest = ckpt.latest_step()
-  if latest is None:
+  found = ckpt.restore_latest(checkpointing.abstract_like(abstract, state_sh))  # verified
+  if found is None:
     return jax.device_put(task.init_state(True), state_sh), state_sh
-  state = ckpt.restore(latest, checkpointing.abstract_like(abstract, state_sh))
+  state, step = found
   if jax.process_index() == 0:
-    print(f"resuming from {ckpt.directory}/{latest}", flush=True)
+    print(f"resuming from {ckpt.directory}/{step}", flush=True)
   return state, state_sh
 
 
