@@ -1,0 +1,98 @@
+"""CPU proxy for per-image masking cost: the SBAM step at a mean keep of ~49
+against the random-masking step at 49 kept, ViT-B, timed in one run.
+
+For every capacity strategy in `sbam_jax.config.CAPACITIES` (so 'packed'
+too, once it exists) the trainer's own step (`PretrainTask.train_step`: its
+jit, host reads and pre-passes included) runs on synthetic uint8 crops; SBAM
+uses per-image ratios (`masking.group='sample'`) with keep lengths set to a
+profile of mean 49 (audit_flops.END_PER_IMAGE, 40..58) so every strategy
+sees the same lengths; salience is computed as in training. Steps of the
+strategies are interleaved round by round with the random-masking step,
+so load on shared cores hits all alike; the ratio is of medians.
+
+  python benchmarks/bench_packing.py                 # ViT-B, batch 32, 3 rounds
+  python benchmarks/bench_packing.py --size tiny --batch 32 --rounds 2   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import audit_flops as af  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sbam_jax import config as config_lib  # noqa: E402
+
+
+class Runner:
+  """One strategy's trainer step on a fixed batch, ready to time."""
+
+  def __init__(self, size, method, capacity, batch, keeps, scan):
+    cfg = af.make_config(size, method, group="sample", capacity=capacity, batch=batch,
+                         scan=scan)
+    self.task = task = af.make_task(cfg)
+    self.keeps = keeps
+    _, shardings = af.abstract_state(task)
+    self.state = jax.device_put(task.init_state(False), shardings)
+    self.batch = af.host_batch(task)
+    with af.keep_lengths(keeps):
+      self.step = task.train_step(shardings)
+      t0 = time.perf_counter()
+      self.run()
+      self.first_s = time.perf_counter() - t0   # compiles
+
+  def run(self) -> float:
+    t0 = time.perf_counter()
+    with af.keep_lengths(self.keeps):
+      self.state, metrics = self.step(self.state, self.batch)
+      jax.block_until_ready(metrics)
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--size", default="base")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--capacities", default=",".join(config_lib.CAPACITIES))
+  ap.add_argument("--unrolled", action="store_true", help="model.scan_layers=False")
+  ap.add_argument("--out", default=None, help="JSON lines (written under a temporary name)")
+  args = ap.parse_args(argv)
+  keeps = tuple(np.resize(np.asarray(af.END_PER_IMAGE), args.batch).tolist())
+  scan = not args.unrolled
+  runners = {"random": Runner(args.size, "random", "max", args.batch, None, scan)}
+  for cap in args.capacities.split(","):
+    runners[cap] = Runner(args.size, "sbam", cap, args.batch, keeps, scan)
+  times = {k: [] for k in runners}
+  for _ in range(args.rounds):
+    for name, r in runners.items():
+      times[name].append(r.run())
+  base = float(np.median(times["random"]))
+  head = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
+              cores=os.cpu_count(), jax=jax.__version__, size=args.size, batch=args.batch,
+              rounds=args.rounds, scan_layers=scan, mean_keep=float(np.mean(keeps)))
+  rows = []
+  for name, ts in times.items():
+    med = float(np.median(ts))
+    rows.append(dict(head, step=name if name == "random" else f"sbam/{name}",
+                     median_s=round(med, 3), times_s=[round(t, 3) for t in ts],
+                     first_step_s=round(runners[name].first_s, 1),
+                     ratio_vs_random=round(med / base, 3)))
+    print(json.dumps(rows[-1]), flush=True)
+  if args.out:
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+  main()
