@@ -274,28 +274,30 @@ def ideal_flops(cfg, keeps, *, salience: bool, device_resize: bool = True) -> fl
 
 
 # ---- the grid -------------------------------------------------------------------------
-BATCH = 8                                       # compile batch (FLOPs are linear in it)
-START = (68,) * BATCH                           # AMR at r0 - v: no token above delta yet
-END_PER_IMAGE = (40, 43, 46, 49, 49, 52, 55, 58)  # ratio 0.75 on average, spread per image
-END_GROUP = (49,) * BATCH                       # a group's shared ratio at the same mean
+BATCH = 8                                   # compile batch (FLOPs are linear in it)
+END_SPREAD = (-9, -6, -3, 0, 0, 3, 6, 9)    # per-image keep lengths around the mean, end of training
 
 
-def profile(method: str, group: str, phase: str):
-  """Keep lengths of the BATCH images (None: the method's fixed length)."""
+def profile(method: str, group: str, phase: str, num_patches: int = 196):
+  """Keep lengths of the BATCH images (None: the method's fixed length).
+  Start of training: AMR at r0 - v for every image (no token above delta
+  yet; 68 of 196). End: ratio r0 on average (49 of 196), spread per image
+  when each image has its own ratio, the mean for a shared (group) ratio."""
   if method != "sbam":
     return None
+  spec = masking.MaskingSpec()
   if phase == "start":
-    return START
-  return END_PER_IMAGE if group == "sample" else END_GROUP
+    return (masking.max_capacity(spec, num_patches),) * BATCH
+  mean = masking.fixed_keep_length(num_patches, spec.mask_ratio)
+  return tuple(mean + d for d in END_SPREAD) if group == "sample" else (mean,) * BATCH
 
 
-def cells(sizes, capacities):
+def cells(sizes, capacities, methods=METHODS, groups=config_lib.GROUPS):
   """(size, method, group, capacity, phase); group and phase matter for SBAM only."""
   for size in sizes:
     for capacity in capacities:
-      for method in METHODS:
-        groups = config_lib.GROUPS if method == "sbam" else ("device",)
-        for group in groups:
+      for method in methods:
+        for group in (groups if method == "sbam" else ("device",)):
           for phase in (("start", "end") if method == "sbam" else ("fixed",)):
             yield size, method, group, capacity, phase
 
@@ -316,7 +318,7 @@ def audit_cell(size, method, group, capacity, phase, cache, decoder_delta) -> di
   exact since every block of a stack is the same program) against ideal."""
   from sbam_jax.models import model_config  # pylint: disable=g-import-not-at-top
   cfg = model_config(size)
-  keeps = profile(method, group, phase)
+  keeps = profile(method, group, phase, cfg.num_patches)
   t0 = time.perf_counter()
   f11, helper = counted(size, method, group, capacity, keeps, cache, (1, 1))
   f21, _ = counted(size, method, group, capacity, keeps, cache, (2, 1))
@@ -361,13 +363,18 @@ def main(argv=None):
   ap.add_argument("--sizes", default="base,large,huge")
   ap.add_argument("--capacities", default=",".join(config_lib.CAPACITIES),
                   help="capacity strategies (default: every one in sbam_jax.config.CAPACITIES)")
+  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--groups", default=",".join(config_lib.GROUPS),
+                  help="SBAM's AMR groups ('device' and 'global' compile the same program "
+                       "on one device)")
   ap.add_argument("--out", default=None, help="JSON lines (written under a temporary name)")
   args = ap.parse_args(argv)
   header = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), jax=jax.__version__, batch=BATCH)
   print(json.dumps(header), flush=True)
   rows, cache, decoder_delta = [], {}, {}
-  for cell in cells(args.sizes.split(","), args.capacities.split(",")):
+  for cell in cells(args.sizes.split(","), args.capacities.split(","), args.methods.split(","),
+                    args.groups.split(",")):
     rows.append(audit_cell(*cell, cache, decoder_delta))
     print(json.dumps(rows[-1]), flush=True)
   print(table(rows))

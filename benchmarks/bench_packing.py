@@ -5,7 +5,7 @@ For every capacity strategy in `sbam_jax.config.CAPACITIES` (so 'packed'
 too, once it exists) the trainer's own step (`PretrainTask.train_step`: its
 jit, host reads and pre-passes included) runs on synthetic uint8 crops; SBAM
 uses per-image ratios (`masking.group='sample'`) with keep lengths set to a
-profile of mean 49 (audit_flops.END_PER_IMAGE, 40..58) so every strategy
+profile of mean 49 (audit_flops.profile: 40..58 for 196 patches) so every strategy
 sees the same lengths; salience is computed as in training. Steps of the
 strategies are interleaved round by round with the random-masking step,
 so load on shared cores hits all alike; the ratio is of medians.
@@ -66,7 +66,9 @@ def main(argv=None):
   ap.add_argument("--unrolled", action="store_true", help="model.scan_layers=False")
   ap.add_argument("--out", default=None, help="JSON lines (written under a temporary name)")
   args = ap.parse_args(argv)
-  keeps = tuple(np.resize(np.asarray(af.END_PER_IMAGE), args.batch).tolist())
+  from sbam_jax.models import model_config  # pylint: disable=g-import-not-at-top
+  end = af.profile("sbam", "sample", "end", model_config(args.size).num_patches)
+  keeps = tuple(np.resize(np.asarray(end), args.batch).tolist())
   scan = not args.unrolled
   runners = {"random": Runner(args.size, "random", "max", args.batch, None, scan)}
   for cap in args.capacities.split(","):

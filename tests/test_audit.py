@@ -21,45 +21,46 @@ import audit_memory as am  # noqa: E402
 TINY_TOLERANCE = 0.03
 
 
-def _counted(method, capacity, keeps, depths):
-  task = af.make_task(af.make_config("tiny", method, capacity=capacity, batch=8, depths=depths))
+def _counted(capacity, keeps):
+  task = af.make_task(af.make_config("tiny", "sbam", capacity=capacity, batch=8))
   abstract, shardings = af.abstract_state(task)
   with af.keep_lengths(keeps):
     records = af.capture_step(task, af.light_state(abstract), shardings, af.host_batch(task))
   return task, abstract, records
 
 
-@pytest.mark.parametrize("method", ["sbam", "random"])
-def test_formula_matches_xla_count_tiny_unrolled(method):
+@pytest.fixture(scope="module")
+def max_step():
+  return _counted("max", None)
+
+
+def test_formula_matches_xla_count_tiny_unrolled(max_step):
   """Analytic FLOPs (formula at the compiled capacity, + optimizer) of the
-  trainer's step on the tiny model, layers unrolled, against XLA's count."""
-  task, abstract, records = _counted(method, "max", None, (2, 1))
+  trainer's SBAM step on the tiny model, layers unrolled, against XLA's count."""
+  task, abstract, records = max_step
   assert [name for name, _ in records] == ["step"]   # 'max': one program, no host pre-pass
-  counted = af.flops_of(records[0][1])
   cfg = task.model_cfg
   assert not cfg.scan_layers and cfg.depth == 2
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-  formula = (8 * af.ideal_flops(cfg, [task.capacity], salience=method == "sbam")
-             + af.OPT_PER_PARAM * n_params)
+  formula = 8 * af.ideal_flops(cfg, [task.capacity], salience=True) + af.OPT_PER_PARAM * n_params
+  counted = af.flops_of(records[0][1])
   assert abs(formula / counted - 1) < TINY_TOLERANCE, (formula, counted)
 
 
-def test_bucketed_step_follows_keep_lengths_and_counts_prepass():
-  """Set keep lengths reach the compiled step: 'bucketed' runs its pre-pass
-  (salience, counted) and compiles the bucket that holds the longest keep;
-  smallest vs largest bucket differ by what the formula says."""
+def test_bucketed_step_follows_keep_lengths_and_counts_prepass(max_step):
+  """Set keep lengths reach the compiled step: with every image at the
+  smallest bucket, 'bucketed' runs its pre-pass (salience: counted) and
+  compiles that bucket, cheaper than 'max' by what the formula says."""
   from sbam_jax import masking  # pylint: disable=g-import-not-at-top
   buckets = masking.capacity_buckets(masking.MaskingSpec(), 64, 4)  # tiny: 64 patches
-  runs = {}
-  for cap in (buckets[0], buckets[-1]):
-    task, _, records = _counted("sbam", "bucketed", (cap,) * 8, (2, 1))
-    assert task.buckets == buckets and [n for n, _ in records][-1] == "step"
-    assert len(records) == 2 and af.flops_of(records[0][1]) > 0   # the pre-pass
-    runs[cap] = af.flops_of(records[-1][1])
+  task, _, records = _counted("bucketed", (buckets[0],) * 8)
+  assert task.buckets == buckets and buckets[-1] == max_step[0].capacity
+  assert [n for n, _ in records][-1] == "step" and len(records) == 2
+  assert af.flops_of(records[0][1]) > 0   # the pre-pass
   cfg = task.model_cfg
   want = 8 * (af.ideal_flops(cfg, [buckets[-1]], salience=True)
               - af.ideal_flops(cfg, [buckets[0]], salience=True))
-  got = runs[buckets[-1]] - runs[buckets[0]]
+  got = af.flops_of(max_step[2][0][1]) - af.flops_of(records[-1][1])
   assert got > 0 and abs(got / want - 1) < TINY_TOLERANCE, (got, want)
 
 
