@@ -90,7 +90,12 @@ def largest_batch(rows: list, memory_gb: float, multiple: int = 8) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   b = np.asarray([r["per_device_batch"] for r in rows], float)
   y = np.asarray([r["peak_bytes"] for r in rows], float)
-  slope, fixed = np.polyfit(b, y, 1) if len(b) > 1 else (y[0] / b[0], 0.0)
+  if len(b) > 1:
+    slope, fixed = np.polyfit(b, y, 1)
+  else:  # one point: the state (arguments + outputs - aliased) is the fixed part
+    r = rows[0]
+    fixed = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+    slope = (y[0] - fixed) / b[0]
   best = int((HEADROOM * memory_gb * GB - fixed) // max(slope, 1.0))
   return max(best // multiple * multiple, 0)
 

@@ -72,3 +72,6 @@ def test_largest_batch_from_fitted_line():
   assert am.largest_batch(rows, 0.5) == 0
   rows = [dict(per_device_batch=b, peak_bytes=20e9 + b * 1e8) for b in (64, 128)]
   assert am.largest_batch(rows, 16) == 0
+  one = [dict(per_device_batch=64, peak_bytes=1e9 + 64 * 1e8, argument_bytes=0.6e9,
+              output_bytes=0.5e9, alias_bytes=0.1e9)]
+  assert am.largest_batch(one, 16) == 128   # the state (1 GB) is the fixed part
