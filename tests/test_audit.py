@@ -1,0 +1,77 @@
+"""The FLOP / memory audits (benchmarks/audit_*.py): XLA's count of the real
+trainer step against the written-down formula, and the memory table's arithmetic."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import audit_flops as af  # noqa: E402
+import audit_memory as am  # noqa: E402
+
+# The formula's elementwise constants were read off ViT-B; on the tiny model
+# (width 64, where elementwise work is ~20 % of the step, not ~1.5 %) they
+# must still hold to within this.
+TINY_TOLERANCE = 0.03
+
+
+def _counted(capacity, keeps):
+  task = af.make_task(af.make_config("tiny", "sbam", capacity=capacity, batch=8))
+  abstract, shardings = af.abstract_state(task)
+  with af.keep_lengths(keeps):
+    records = af.capture_step(task, af.light_state(abstract), shardings, af.host_batch(task))
+  return task, abstract, records
+
+
+@pytest.fixture(scope="module")
+def max_step():
+  return _counted("max", None)
+
+
+def test_formula_matches_xla_count_tiny_unrolled(max_step):
+  """Analytic FLOPs (formula at the compiled capacity, + optimizer) of the
+  trainer's SBAM step on the tiny model, layers unrolled, against XLA's count."""
+  task, abstract, records = max_step
+  assert [name for name, _ in records] == ["step"]   # 'max': one program, no host pre-pass
+  cfg = task.model_cfg
+  assert not cfg.scan_layers and cfg.depth == 2
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  formula = 8 * af.ideal_flops(cfg, [task.capacity], salience=True) + af.OPT_PER_PARAM * n_params
+  counted = af.flops_of(records[0][1])
+  assert abs(formula / counted - 1) < TINY_TOLERANCE, (formula, counted)
+
+
+def test_bucketed_step_follows_keep_lengths_and_counts_prepass(max_step):
+  """Set keep lengths reach the compiled step: with every image at the
+  smallest bucket, 'bucketed' runs its pre-pass (salience: counted) and
+  compiles that bucket, cheaper than 'max' by what the formula says."""
+  from sbam_jax import masking  # pylint: disable=g-import-not-at-top
+  buckets = masking.capacity_buckets(masking.MaskingSpec(), 64, 4)  # tiny: 64 patches
+  task, _, records = _counted("bucketed", (buckets[0],) * 8)
+  assert task.buckets == buckets and buckets[-1] == max_step[0].capacity
+  assert [n for n, _ in records][-1] == "step" and len(records) == 2
+  assert af.flops_of(records[0][1]) > 0   # the pre-pass
+  cfg = task.model_cfg
+  want = 8 * (af.ideal_flops(cfg, [buckets[-1]], salience=True)
+              - af.ideal_flops(cfg, [buckets[0]], salience=True))
+  got = af.flops_of(max_step[2][0][1]) - af.flops_of(records[-1][1])
+  assert got > 0 and abs(got / want - 1) < TINY_TOLERANCE, (got, want)
+
+
+def test_largest_batch_from_fitted_line():
+  """Hand-worked: 1 GB fixed + 0.1 GB per image; 16 GB x 0.9 headroom ->
+  (14.4 - 1) / 0.1 = 134 images -> 128 (multiple of 8)."""
+  rows = [dict(per_device_batch=b, peak_bytes=1e9 + b * 1e8) for b in (64, 128, 256)]
+  assert am.largest_batch(rows, 16) == 128
+  assert am.largest_batch(rows, 0.5) == 0
+  rows = [dict(per_device_batch=b, peak_bytes=20e9 + b * 1e8) for b in (64, 128)]
+  assert am.largest_batch(rows, 16) == 0
+  one = [dict(per_device_batch=64, peak_bytes=1e9 + 64 * 1e8, argument_bytes=0.6e9,
+              output_bytes=0.5e9, alias_bytes=0.1e9)]
+  assert am.largest_batch(one, 16) == 128   # the state (1 GB) is the fixed part
