@@ -37,7 +37,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, learned_pos: bool = False, final_norm: bool = True,
                rngs: nnx.Rngs):
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.compute_dtype)
     d = cfg.embed_dim
     self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d, dtype, rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, d), jnp.float32))
@@ -78,7 +78,7 @@ class MAEOutput(NamedTuple):
 class MaskedAutoencoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.compute_dtype)
     dd = cfg.decoder_embed_dim
     self.encoder = Encoder(cfg, rngs=rngs)
     self.decoder_embed = dense(cfg.embed_dim, dd, dtype, rngs)
