@@ -180,7 +180,7 @@ class MaskingConfig:
   ratio_var: float = 0.1
   delta: float = 0.5
   group: str = "device"         # AMR ratio shared per 'sample' | 'device' batch | 'global' batch
-  capacity: str = "packed"      # 'packed' (tokens kept, no host sync) | 'max' | 'bucketed'
+  capacity: str = "max"         # 'max' (one compile, no host sync) | 'packed' | 'bucketed'
   num_buckets: int = 4          # 'bucketed': compiled encoder capacities
   num_budgets: int = 8          # 'packed': token budgets per device (lax.switch branches)
 

@@ -202,7 +202,8 @@ class PretrainTask(Task):
                          pack=self.pack)
 
   def train_step(self, state_shardings):
-    """One jitted step per encoder capacity in use (one with 'max' or 'packed')."""
+    """One jitted step per encoder capacity in use (one with 'max' or 'packed';
+    a bucketed step also takes the pre-pass's salience)."""
     keys, mesh = self.batch_keys(), self.mesh
     bsh = sharding.batch_sharding(mesh)
     pre_pass = self._salience_fn() if self.bucketed else None
