@@ -19,9 +19,10 @@ def model(size: str = "base", **overrides) -> ml_collections.ConfigDict:
       size=size,
       img_size=224 if size != "tiny" else 32,
       norm_pix_loss=True,
-      dtype="float32",          # compute dtype; parameters are always float32
+      dtype="auto",             # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU;
+                                # parameters are always float32
       scan_layers=True,         # lax.scan over stacked blocks (same weights either way)
-      attention="xla",          # 'einsum' | 'xla' | 'cudnn' (GPU)
+      attention="auto",         # 'auto' (cuDNN where supported, else XLA) | 'einsum' | 'xla' | 'cudnn'
       remat=False,
   ))
   cfg.update(overrides)

@@ -27,7 +27,7 @@ __all__ = ["ConfigError", "parse", "defaults", "TrainConfig", "DataConfig", "Mes
            "MaskingConfig", "build_model_config", "build_masking_spec", "group_size"]
 
 GROUPS = ("sample", "device", "global")
-CAPACITIES = ("max", "bucketed")
+CAPACITIES = ("max", "bucketed", "packed")
 
 
 def _plain(value: Any) -> Any:
@@ -308,8 +308,9 @@ class MaskingConfig:
   ratio_var: float = 0.1
   delta: float = 0.5
   group: str = "device"         # AMR ratio shared per 'sample' | 'device' batch | 'global' batch
-  capacity: str = "max"         # 'max' (one compile, no host sync) | 'bucketed'
-  num_buckets: int = 4
+  capacity: str = "max"         # 'max' (one compile, no host sync) | 'packed' | 'bucketed'
+  num_buckets: int = 4          # 'bucketed': compiled encoder capacities
+  num_budgets: int = 8          # 'packed': token budgets per device (lax.switch branches)
 
 
 def group_size(group: str, *, global_batch: int, num_devices: int) -> int:

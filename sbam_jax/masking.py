@@ -353,14 +353,17 @@ def random_mask_plan(rng: Optional[jax.Array], batch: int, num_tokens: int, *,
 
 def sbam_mask_plan(tokens: jax.Array, rng: Optional[jax.Array], *, mask_ratio: float = 0.75,
                    ratio_var: float = 0.1, delta: float = 0.5, group_size: Optional[int] = None,
-                   noise: Optional[jax.Array] = None) -> tuple[MaskPlan, jax.Array]:
+                   noise: Optional[jax.Array] = None,
+                   salience: Optional[jax.Array] = None) -> tuple[MaskPlan, jax.Array]:
   """SBM / SBAM plan from patch tokens (N, L, D); returns (plan, salience).
 
   `noise` (N, L) replaces u ~ U[0, 0.5) (pass it already scaled) so results can
   be compared with other implementations. ratio_var = 0 gives plain SBM.
+  `salience` (N, L): `token_salience(tokens)` computed earlier (a host-side
+  pre-pass that chose the encoder capacity), not computed again.
   """
   n, L, _ = tokens.shape
-  salience = token_salience(tokens)
+  salience = token_salience(tokens) if salience is None else salience
   if noise is None:
     noise = jax.random.uniform(rng, (n, L), jnp.float32, 0.0, SBM_NOISE_SCALE)
   len_keep = amr_keep_lengths(salience, mask_ratio=mask_ratio, ratio_var=ratio_var, delta=delta,
@@ -371,13 +374,16 @@ def sbam_mask_plan(tokens: jax.Array, rng: Optional[jax.Array], *, mask_ratio: f
 
 
 def make_mask_plan(spec: MaskingSpec, tokens: jax.Array, rng: Optional[jax.Array], *,
-                   noise: Optional[jax.Array] = None) -> tuple[MaskPlan, Optional[jax.Array]]:
-  """Dispatch on `spec.method`; salience is None for random masking."""
+                   noise: Optional[jax.Array] = None,
+                   salience: Optional[jax.Array] = None) -> tuple[MaskPlan, Optional[jax.Array]]:
+  """Dispatch on `spec.method`; salience is None for random masking (a given
+  `salience` is then ignored)."""
   n, L, _ = tokens.shape
   if spec.method == RANDOM:
     return random_mask_plan(rng, n, L, mask_ratio=spec.mask_ratio, noise=noise), None
   return sbam_mask_plan(tokens, rng, mask_ratio=spec.mask_ratio, ratio_var=spec.ratio_var,
-                        delta=spec.delta, group_size=spec.group_size, noise=noise)
+                        delta=spec.delta, group_size=spec.group_size, noise=noise,
+                        salience=salience)
 
 
 def masking_stats(plan: MaskPlan, salience: Optional[jax.Array], delta: float,

@@ -78,32 +78,68 @@ def key_mask_from_lengths(kv_len: jax.Array, length: int) -> jax.Array:
   return (jnp.arange(length)[None, :] < kv_len[:, None])[:, None, None, :]
 
 
+# cuDNN's fused attention takes sequence lengths in multiples of this (197 is refused).
+FUSED_SEQ_MULTIPLE = 64
+
+
+def resolve_attention(impl: str, dtype, head_dim: int) -> tuple[str, int]:
+  """(implementation, sequence multiple) for `impl`; 'auto' picks the fused
+  cuDNN kernel on a GPU for 16-bit compute and head dims it supports (padding
+  sequences to FUSED_SEQ_MULTIPLE), XLA's attention everywhere else."""
+  if impl != "auto":
+    return impl, 1
+  fused = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return ("cudnn", FUSED_SEQ_MULTIPLE) if fused else ("xla", 1)
+
+
+def attend(q, k, v, kv_len: Optional[jax.Array], impl: str, multiple: int = 1) -> jax.Array:
+  """Softmax attention of (N, T, H, Dh) q, k, v; keys at or past kv_len (N,) are
+  masked. T is padded to a multiple of `multiple` (padded keys masked, padded
+  queries dropped), which changes no number of the valid rows."""
+  n, t, _, dh = q.shape
+  pad = -t % multiple
+  if pad:
+    widen = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q, k, v = widen(q), widen(k), widen(v)
+    kv_len = jnp.full((n,), t, jnp.int32) if kv_len is None else kv_len
+  tp = t + pad
+  scale = dh ** -0.5
+  if impl == "einsum":
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if kv_len is not None:
+      logits = jnp.where(key_mask_from_lengths(kv_len, tp), logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("nhqk,nkhd->nqhd", weights, v)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_len,
+                                       implementation=None if impl == "xla" else impl)
+  return out[:, :t]
+
+
 class Attention(nnx.Module):
-  """Multi-head self-attention with one fused qkv projection (rows q, k, v)."""
+  """Multi-head self-attention with one fused qkv projection (rows q, k, v).
+
+  With a packing `layout` the input is the packed (G, B, D) buffer: qkv and
+  the projection run on it, attention on each image's own tokens (the
+  layout's per-image view with key lengths)."""
 
   def __init__(self, dim: int, num_heads: int, dtype, impl: str, *, rngs: nnx.Rngs):
     self.num_heads = num_heads
-    self.impl = impl
+    self.impl, self.multiple = resolve_attention(impl, dtype, dim // num_heads)
     self.qkv = dense(dim, 3 * dim, dtype, rngs)
     self.proj = dense(dim, dim, dtype, rngs)
 
-  def __call__(self, x: jax.Array, kv_len: Optional[jax.Array]) -> jax.Array:
-    n, t, d = x.shape
-    h = self.num_heads
-    qkv = self.qkv(x).reshape(n, t, 3, h, d // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scale = (d // h) ** -0.5
-    if self.impl == "einsum":
-      logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
-      if kv_len is not None:
-        logits = jnp.where(key_mask_from_lengths(kv_len, t), logits, jnp.finfo(jnp.float32).min)
-      weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-      out = jnp.einsum("nhqk,nkhd->nqhd", weights, v)
-    else:
-      out = jax.nn.dot_product_attention(
-          q, k, v, scale=scale, key_value_seq_lengths=kv_len,
-          implementation=None if self.impl == "xla" else self.impl)
-    return self.proj(out.reshape(n, t, d))
+  def __call__(self, x: jax.Array, kv_len: Optional[jax.Array], layout=None) -> jax.Array:
+    d, h = x.shape[-1], self.num_heads
+    qkv = self.qkv(x)
+    if layout is not None:
+      qkv, kv_len = layout.unpack(qkv), layout.lengths
+    n, t = qkv.shape[:2]
+    qkv = qkv.reshape(n, t, 3, h, d // h)
+    out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], kv_len, self.impl, self.multiple)
+    out = out.reshape(n, t, d)
+    return self.proj(out if layout is None else layout.pack(out))
 
 
 class Mlp(nnx.Module):
@@ -137,9 +173,9 @@ class Block(nnx.Module):
     self.norm2 = layer_norm(dim, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs=rngs)
 
-  def __call__(self, x, kv_len=None, drop_rate=0.0, key=None):
+  def __call__(self, x, kv_len=None, drop_rate=0.0, key=None, layout=None):
     k1, k2 = (None, None) if key is None else tuple(jax.random.split(key))
-    x = x + drop_path(self.attn(self.norm1(x), kv_len), drop_rate, k1)
+    x = x + drop_path(self.attn(self.norm1(x), kv_len, layout), drop_rate, k1)
     return x + drop_path(self.mlp(self.norm2(x)), drop_rate, k2)
 
 
@@ -157,16 +193,21 @@ class BlockStack(nnx.Module):
     self.layers = nnx.merge(graphdef, stacked)
 
   def __call__(self, x: jax.Array, kv_len: Optional[jax.Array] = None,
-               drop_path_rate: float = 0.0, key: Optional[jax.Array] = None) -> jax.Array:
+               drop_path_rate: float = 0.0, key: Optional[jax.Array] = None,
+               layout=None) -> jax.Array:
     """kv_len: (N,) count of leading tokens that may be attended (None = all).
-    drop_path_rate: the last block's rate, linear from 0 (timm); needs `key`."""
+    drop_path_rate: the last block's rate, linear from 0 (timm); needs `key`.
+    layout: x is a packed (G, B, D) buffer (`packing.PackedLayout`); drop-path
+    is per image, so it is refused there."""
+    if layout is not None and key is not None:
+      raise ValueError("drop-path is per image: not available on packed tokens")
     graphdef, state = nnx.split(self.layers)
     rates = jnp.asarray(np.linspace(0.0, drop_path_rate, self.depth), jnp.float32)
     keys = None if key is None else jax.random.split(key, self.depth)
 
     def body(h, layer):
       params, rate, k = layer
-      return nnx.merge(graphdef, params)(h, kv_len, rate, k), None
+      return nnx.merge(graphdef, params)(h, kv_len, rate, k, layout), None
 
     if self.remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)

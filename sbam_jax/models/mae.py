@@ -7,7 +7,9 @@ forward_decoder (mask tokens, un-shuffle, predict pixels) -> forward_loss.
 The encoder runs on a static number of slots (`capacity`). Slots past a
 sample's keep length are padding: no real token attends to them (key
 lengths), the decoder replaces them by the mask token, and the loss counts
-them as masked, so results equal a variable-length run exactly.
+them as masked, so results equal a variable-length run exactly. With a
+`packing.PackSpec` the kept tokens are packed end to end instead (no padding
+in the per-token work, see `packing`); the decoder sees the same latent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sbam_jax import masking
+from sbam_jax.models import packing
 from sbam_jax.models.layers import (BlockStack, FixedEmbed, PatchEmbed, dense, layer_norm,
                                     patchify)
 from sbam_jax.models.pos_embed import sincos_2d
@@ -34,7 +37,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, learned_pos: bool = False, final_norm: bool = True,
                rngs: nnx.Rngs):
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.compute_dtype)
     d = cfg.embed_dim
     self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d, dtype, rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, d), jnp.float32))
@@ -75,7 +78,7 @@ class MAEOutput(NamedTuple):
 class MaskedAutoencoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.compute_dtype)
     dd = cfg.decoder_embed_dim
     self.encoder = Encoder(cfg, rngs=rngs)
     self.decoder_embed = dense(cfg.embed_dim, dd, dtype, rngs)
@@ -93,13 +96,20 @@ class MaskedAutoencoder(nnx.Module):
   def embed_patches(self, imgs: jax.Array) -> jax.Array:
     return self.encoder.embed_patches(imgs)
 
-  def forward_encoder(self, tokens: jax.Array, plan: masking.MaskPlan,
-                      capacity: int) -> jax.Array:
-    """Encode the first `capacity` slots of the plan (+ cls) -> (N, 1 + capacity, D)."""
+  def forward_encoder(self, tokens: jax.Array, plan: masking.MaskPlan, capacity: int,
+                      pack: Optional[packing.PackSpec] = None) -> jax.Array:
+    """Encode the first `capacity` slots of the plan (+ cls) -> (N, 1 + capacity, D).
+    With `pack`, only each image's 1 + len_keep tokens are computed (packed)."""
     enc = self.encoder
     x = jnp.take_along_axis(tokens, plan.ids_keep(capacity)[..., None], axis=1)
     x = enc.with_cls(x)
     padded = not (plan.min_keep == plan.max_keep == capacity)
+    if pack is not None and padded:
+      graphdef, blocks = nnx.split(enc.blocks)
+      norm_def, norm = nnx.split(enc.norm)
+      run = lambda h, layout: nnx.merge(norm_def, norm)(
+          nnx.merge(graphdef, blocks)(h, layout=layout))
+      return packing.run_packed(run, x, plan.len_keep + 1, pack)
     kv_len = plan.len_keep + 1 if padded else None
     return enc.norm(enc.blocks(x, kv_len))
 
@@ -131,16 +141,18 @@ class MaskedAutoencoder(nnx.Module):
 
   def forward_with_plan(self, imgs: jax.Array, plan: masking.MaskPlan,
                         capacity: Optional[int] = None, *, tokens: Optional[jax.Array] = None,
-                        salience: Optional[jax.Array] = None) -> MAEOutput:
+                        salience: Optional[jax.Array] = None,
+                        pack: Optional[packing.PackSpec] = None) -> MAEOutput:
     """Everything after masking. `capacity` (static) defaults to the plan's
     largest keep length and must hold every sample's len_keep (bucketed
-    capacities come from `masking.choose_capacity`)."""
+    capacities come from `masking.choose_capacity`); `pack` packs the
+    encoder's tokens (its last budget must hold the batch at `capacity`)."""
     L = plan.ids_shuffle.shape[1]
     capacity = plan.max_keep if capacity is None else int(capacity)
     if not plan.min_keep <= capacity <= L:
       raise ValueError(f"capacity {capacity} is outside [{plan.min_keep}, {L}] for this plan")
     tokens = self.embed_patches(imgs) if tokens is None else tokens
-    latent = self.forward_encoder(tokens, plan, capacity)
+    latent = self.forward_encoder(tokens, plan, capacity, pack)
     pred = self.forward_decoder(latent, plan)
     loss = self.forward_loss(imgs, pred, plan.mask)
     return MAEOutput(loss, pred, plan.mask, latent, plan, salience)
@@ -151,12 +163,17 @@ class MaskedAutoencoder(nnx.Module):
     return masking.make_mask_plan(spec, self.embed_patches(imgs), rng, noise=noise)
 
   def __call__(self, imgs: jax.Array, rng: Optional[jax.Array], spec: masking.MaskingSpec, *,
-               capacity: Optional[int] = None, noise: Optional[jax.Array] = None) -> MAEOutput:
+               capacity: Optional[int] = None, noise: Optional[jax.Array] = None,
+               pack: Optional[packing.PackSpec] = None,
+               salience: Optional[jax.Array] = None) -> MAEOutput:
     """Full pre-training forward: mask with `spec`, encode, decode, loss.
 
     imgs: (N, H, W, C) normalised images. capacity: static encoder slots; by
-    default the largest keep length `spec` allows (no host sync).
+    default the largest keep length `spec` allows (no host sync). pack: pack
+    the encoder's tokens. salience: (N, L) already computed from these images
+    and parameters (a pre-pass), used instead of computing it again.
     """
     tokens = self.embed_patches(imgs)
-    plan, salience = masking.make_mask_plan(spec, tokens, rng, noise=noise)
-    return self.forward_with_plan(imgs, plan, capacity, tokens=tokens, salience=salience)
+    plan, salience = masking.make_mask_plan(spec, tokens, rng, noise=noise, salience=salience)
+    return self.forward_with_plan(imgs, plan, capacity, tokens=tokens, salience=salience,
+                                  pack=pack)

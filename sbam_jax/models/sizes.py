@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+ACCELERATORS = ("gpu", "tpu")
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)
 _SIZES = {
@@ -24,9 +25,12 @@ class ModelConfig:
 
   Execution options never change the parameters: `scan_layers` runs the same
   stacked block weights under lax.scan (one compiled block) or unrolled;
-  `dtype` is the compute dtype (parameters stay float32); `attention` picks
-  an explicit einsum softmax, jax.nn.dot_product_attention's XLA path, or its
-  cuDNN fused kernel (GPU only).
+  `dtype` is the compute dtype (parameters stay float32; 'auto' = bfloat16 on
+  a GPU or TPU, float32 on the CPU, resolved when the model is built, so a
+  config never initialises a backend); `attention` picks an explicit einsum
+  softmax, jax.nn.dot_product_attention's XLA path, its cuDNN fused kernel
+  (GPU only), or 'auto': cuDNN where the backend and shape allow it (sequences
+  padded to a supported length, padded keys masked), XLA elsewhere.
   """
   img_size: int = 224
   patch_size: int = 16
@@ -59,6 +63,14 @@ class ModelConfig:
       raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
     if self.dtype not in COMPUTE_DTYPES:
       raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+
+  @property
+  def compute_dtype(self) -> str:
+    """`dtype` with 'auto' resolved for the backend in use."""
+    if self.dtype != "auto":
+      return self.dtype
+    import jax  # pylint: disable=g-import-not-at-top
+    return "bfloat16" if jax.default_backend() in ACCELERATORS else "float32"
 
   @property
   def decoder_ratio(self) -> float:

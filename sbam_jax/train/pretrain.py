@@ -3,9 +3,13 @@
 Masking is chosen per step: random masking during the first `random_epochs`
 (SBAM's warm-up), then `config.masking`, switched with `lax.cond` so only the
 branch in force runs. Encoder capacity: 'max' compiles one step for the
-largest keep length the masking spec allows; 'bucketed' reads the batch's
-largest AMR keep length (one scalar a step) and runs the smallest compiled
-bucket that holds it.
+largest keep length the masking spec allows; 'packed' (per-image AMR
+lengths) packs each device's kept tokens end to end and picks one of
+`num_budgets` static token budgets on the device (models/packing.py), so the
+encoder's cost follows the sum of keep lengths with no host read; 'bucketed'
+reads the batch's largest AMR keep length (one scalar a step) and runs the
+smallest compiled bucket that holds it, given the pre-pass's salience so the
+step does not compute it again.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from sbam_jax import config as config_lib
 from sbam_jax import masking, optim, registry, sharding
 from sbam_jax.data import device as device_ops
 from sbam_jax.errors import ConfigError
-from sbam_jax.models import MaskedAutoencoder
+from sbam_jax.models import MaskedAutoencoder, packing
 from sbam_jax.train import figures, flops
 from sbam_jax.train.step import TrainState, make_train_step
 from sbam_jax.train.task import Task
@@ -46,20 +50,24 @@ class PretrainConfig(config_lib.TrainConfig):
 
 
 def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.MaskingSpec,
-                  random_steps: int, capacity: int, warmup_capacity: int, image_size: int):
+                  random_steps: int, capacity: int, warmup_capacity: int, image_size: int,
+                  pack: packing.PackSpec | None = None):
   """MAE loss of a batch {'image': uint8} (or host crops + 'size', resized
   here to `image_size`); steps below `random_steps` use `warmup_spec`
-  (random masking), the rest `spec`. Salience diagnostics are NaN under
-  random masking."""
+  (random masking), the rest `spec` (its encoder tokens packed with `pack`;
+  a batch 'salience' from a pre-pass is used instead of computing it).
+  Salience diagnostics are NaN under random masking."""
 
-  def run(params, fixed, imgs, key, s, c):
-    out = nnx.merge(graphdef, params, fixed)(imgs, key, s, capacity=c)
+  def run(params, fixed, imgs, key, s, c, sal=None):
+    p = pack if s is spec else None
+    out = nnx.merge(graphdef, params, fixed)(imgs, key, s, capacity=c, pack=p, salience=sal)
     diag = masking.masking_stats(out.plan, out.salience, s.delta)
     return out.loss, {k: diag.get(k, jnp.float32(jnp.nan)) for k in STAT_KEYS}
 
   def loss_fn(params, fixed, stats, batch, key, step):
     imgs = device_ops.normalize(device_ops.pixels(batch, image_size), jnp.float32)
-    branch = lambda s, c: (lambda _: run(params, fixed, imgs, key, s, c))
+    sal = batch.get("salience")
+    branch = lambda s, c: (lambda _: run(params, fixed, imgs, key, s, c, sal))
     if random_steps <= 0:
       loss, diag = branch(spec, capacity)(None)
     else:
@@ -88,7 +96,20 @@ def check_pretrain(cfg: PretrainConfig, *, micro_batch: int,
     raise ConfigError(f"need 0 <= random_epochs ({cfg.random_epochs}) < epochs ({cfg.epochs})")
   if cfg.figure_every < 1:
     raise ConfigError(f"figure_every must be >= 1, got {cfg.figure_every}")
+  if cfg.masking.num_budgets < 1:
+    raise ConfigError(f"masking.num_budgets must be >= 1, got {cfg.masking.num_budgets}")
   return spec
+
+
+def pack_spec(spec: masking.MaskingSpec, num_tokens: int, *, micro_batch: int, groups: int,
+              num_budgets: int) -> packing.PackSpec | None:
+  """Token budgets for one device's images (None where every image keeps the
+  same static number of tokens: nothing to pack)."""
+  lo, hi = masking.keep_length_bounds(spec, num_tokens)
+  if lo == hi:
+    return None
+  per_group = micro_batch // groups
+  return packing.PackSpec(groups, packing.token_budgets(per_group, lo + 1, hi + 1, num_budgets))
 
 
 @registry.register("task", "pretrain")
@@ -107,6 +128,9 @@ class PretrainTask(Task):
     self.bucketed = cfg.masking.capacity == "bucketed" and self.spec.adaptive
     self.buckets = (masking.capacity_buckets(self.spec, L, cfg.masking.num_buckets)
                     if self.bucketed else (self.capacity,))
+    self.pack = (pack_spec(self.spec, L, micro_batch=self.micro_batch, groups=self.num_devices,
+                           num_budgets=cfg.masking.num_budgets)
+                 if cfg.masking.capacity == "packed" else None)
     self.set_epoch_length(self.source().num_examples)  # bad paths fail here, before compiling
     self.random_steps = self.steps_per_epoch * cfg.random_epochs
     abstract = nnx.eval_shape(lambda: MaskedAutoencoder(self.model_cfg, rngs=nnx.Rngs(0)))
@@ -174,48 +198,54 @@ class PretrainTask(Task):
     return pretrain_loss(self.graphdef, spec=self.spec, warmup_spec=self.warm_spec,
                          random_steps=self.random_steps,
                          capacity=self.capacity if capacity is None else capacity,
-                         warmup_capacity=self.warm_capacity, image_size=self.image_size)
+                         warmup_capacity=self.warm_capacity, image_size=self.image_size,
+                         pack=self.pack)
 
   def train_step(self, state_shardings):
-    """One jitted step per encoder capacity in use (one with 'max')."""
+    """One jitted step per encoder capacity in use (one with 'max' or 'packed';
+    a bucketed step also takes the pre-pass's salience)."""
     keys, mesh = self.batch_keys(), self.mesh
-    bsh = {k: sharding.batch_sharding(mesh) for k in keys}
-    max_keep = self._max_keep_fn() if self.bucketed else None
+    bsh = sharding.batch_sharding(mesh)
+    pre_pass = self._salience_fn() if self.bucketed else None
 
-    def compile_step(cap):
+    def compile_step(cap, with_salience):
+      shard = {k: bsh for k in keys + (("salience",) if with_salience else ())}
       fn = make_train_step(self.loss(cap), self.tx, accum_steps=self.config.accum_steps)
-      return jax.jit(fn, in_shardings=(state_shardings, bsh),
+      return jax.jit(fn, in_shardings=(state_shardings, shard),
                      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
     def step(state, batch):
       arrays = {k: sharding.global_batch(mesh, batch[k]) for k in keys}
       cap = self.capacity
       if self.bucketed and int(state.step) >= self.random_steps:  # one small host read a step
-        cap = masking.choose_capacity(int(max_keep(state.params, state.fixed, arrays)),
-                                      self.buckets)
-      if cap not in self._step_fns:
-        self._step_fns[cap] = compile_step(cap)
-      return self._step_fns[cap](state, arrays)
+        max_keep, arrays["salience"] = pre_pass(state.params, state.fixed, arrays)
+        cap = masking.choose_capacity(int(max_keep), self.buckets)
+      key = (cap, "salience" in arrays)
+      if key not in self._step_fns:
+        self._step_fns[key] = compile_step(*key)
+      return self._step_fns[key](state, arrays)
 
     return step
 
-  def _max_keep_fn(self):
-    """Largest AMR keep length of a step's micro-batches. Keep lengths depend on
-    salience only (not on the masking noise), so this equals what the step will
-    compute, and the chosen bucket always holds every sample."""
+  def _salience_fn(self):
+    """(largest AMR keep length, salience (B, L)) of a step's micro-batches.
+    Keep lengths depend on salience only (not on the masking noise), so the
+    chosen bucket always holds every sample; the step reuses the salience."""
     spec, accum, graphdef, size = self.spec, self.config.accum_steps, self.graphdef, self.image_size
 
     def fn(params, fixed, batch):
       model = nnx.merge(graphdef, params, fixed)
       images = device_ops.pixels(batch, size)
       micro = images.reshape((accum, -1) + images.shape[1:])
-      keep = jax.vmap(lambda x: masking.amr_keep_lengths(
-          masking.token_salience(model.embed_patches(device_ops.normalize(x))),
-          mask_ratio=spec.mask_ratio, ratio_var=spec.ratio_var, delta=spec.delta,
-          group_size=spec.group_size))(micro)
-      return keep.max()
+      sal = jax.vmap(lambda x: masking.token_salience(
+          model.embed_patches(device_ops.normalize(x, jnp.float32))))(micro)
+      keep = jax.vmap(lambda s: masking.amr_keep_lengths(
+          s, mask_ratio=spec.mask_ratio, ratio_var=spec.ratio_var, delta=spec.delta,
+          group_size=spec.group_size))(sal)
+      return keep.max(), sal.reshape((-1,) + sal.shape[2:])
 
-    return jax.jit(fn, out_shardings=NamedSharding(self.mesh, P()))
+    bsh = sharding.batch_sharding(self.mesh)
+    return jax.jit(fn, out_shardings=(NamedSharding(self.mesh, P()), bsh))
 
   def features_fn(self):
     """Unmasked encoder features: the cls token and the mean of patch tokens."""
@@ -239,7 +269,7 @@ class PretrainTask(Task):
 
   def close(self):
     if self.bucketed and self.process == 0:
-      print(f"encoder capacities compiled: {sorted(self._step_fns)} of buckets "
+      print(f"encoder capacities compiled: {sorted({c for c, _ in self._step_fns})} of buckets "
             f"{list(self.buckets)}")
 
   def _figure(self, state, step, writer):

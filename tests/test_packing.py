@@ -1,0 +1,121 @@
+"""Packed encoder tokens == each image run alone at its exact keep length.
+
+The reference runs every image on its own with exactly 1 + len_keep encoder
+tokens (no padding, no mask, no packing); the packed step must give the same
+loss, predictions and parameter gradients within 1e-6 (float32).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sbam_jax import masking
+from sbam_jax.models import MaskedAutoencoder, model_config
+from sbam_jax.models import packing
+
+TOL = 1e-6
+
+
+def one_plan(plan, i, k):
+  return masking.MaskPlan(plan.ids_shuffle[i:i + 1], plan.ids_restore[i:i + 1],
+                          plan.mask[i:i + 1], plan.len_keep[i:i + 1], min_keep=k, max_keep=k)
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def _exact_one(graphdef, params, rest, img, plan):
+  """Numerator of one image's loss (sum of masked per-patch errors), run alone
+  with exactly 1 + len_keep encoder tokens (the plan's static bounds = len_keep)."""
+  out = nnx.merge(graphdef, params, rest).forward_with_plan(img, plan, plan.max_keep)
+  return out.loss * plan.mask.sum(), out.pred
+
+
+_exact_grad = jax.jit(jax.value_and_grad(_exact_one, argnums=1, has_aux=True), static_argnums=0)
+
+
+def exact_reference(model, imgs, plan):
+  """(loss, pred, grads) from per-image exact-length runs: the loss is the sum
+  of per-image numerators over the batch's masked count, so its gradient is
+  the sum of per-image gradients (one compilation per distinct keep length)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  total = float(np.asarray(plan.mask).sum())
+  loss, preds, grads = 0.0, [], None
+  for i, k in enumerate(np.asarray(plan.len_keep).tolist()):
+    (num, pred), g = _exact_grad(graphdef, params, rest, imgs[i:i + 1], one_plan(plan, i, k))
+    loss += float(num) / total
+    preds.append(pred)
+    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+  return loss, jnp.concatenate(preds), jax.tree.map(lambda x: x / total, grads)
+
+
+def check_equal(model, imgs, plan, pack, assert_close):
+  l0, p0, g0 = exact_reference(model, imgs, plan)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def packed(p):
+    out = nnx.merge(graphdef, p, rest).forward_with_plan(imgs, plan, plan.max_keep, pack=pack)
+    return out.loss, out.pred
+
+  (l1, p1), g1 = jax.jit(jax.value_and_grad(packed, has_aux=True))(params)
+  assert_close(l1, l0, TOL, "loss")
+  assert_close(p1, p0, TOL, "pred")
+  assert_close(flat(g1), flat(g0), TOL, "gradients")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+    assert_close(a, b, 1e-5, f"gradient {jax.tree_util.keystr(path)}")
+
+
+def images(n, seed):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(n, 32, 32, 3)), jnp.float32) * 0.5
+
+
+@pytest.mark.parametrize("group_size,groups", [(1, 2), (4, 1), (8, 2)])
+def test_packed_equals_exact_length_per_amr_group(group_size, groups, assert_close):
+  """AMR groups of 1, 4 and the batch (8); one or two packing groups (devices)."""
+  cfg = model_config("tiny")
+  model = MaskedAutoencoder(cfg, rngs=nnx.Rngs(0))
+  imgs = images(8, group_size)
+  spec = masking.MaskingSpec("sbam", ratio_var=0.2, group_size=group_size)
+  plan, _ = model.make_plan(imgs, spec, jax.random.key(group_size))
+  lo, hi = masking.keep_length_bounds(spec, cfg.num_patches)
+  pack = packing.PackSpec(groups, packing.token_budgets(8 // groups, lo + 1, hi + 1, 3))
+  need = int((np.asarray(plan.len_keep) + 1).reshape(groups, -1).sum(1).max())
+  chosen = pack.budgets[int(packing.choose_budget(plan.len_keep + 1, pack))]
+  assert need <= chosen and (chosen == pack.budgets[0] or need > pack.budgets[pack.budgets.index(chosen) - 1])
+  check_equal(model, imgs, plan, pack, assert_close)
+
+
+def test_packed_extremes_one_and_all_but_one_token(assert_close):
+  """One image keeps 1 token and another L - 1 in one packing group; the other
+  group (L - 2 and 50 kept) needs the last budget, the exact fallback."""
+  cfg = model_config("tiny")
+  L = cfg.num_patches
+  model = MaskedAutoencoder(cfg, rngs=nnx.Rngs(2))
+  imgs = images(4, 7)
+  keep = jnp.asarray([1, L - 1, L - 2, 50], jnp.int32)
+  scores = jax.random.uniform(jax.random.key(5), (4, L))
+  plan = masking.plan_from_scores(scores, keep, min_keep=1, max_keep=L - 1)
+  pack = packing.PackSpec(2, packing.token_budgets(2, 2, L, 3))
+  assert int(packing.choose_budget(keep + 1, pack)) == len(pack.budgets) - 1   # the fallback
+  check_equal(model, imgs, plan, pack, assert_close)
+
+
+def test_layout_round_trip_and_budget_choice():
+  """Hand-worked layout: lengths 2, 3 | 1, 4 in two groups of budget 6."""
+  lengths = jnp.asarray([2, 3, 1, 4])
+  layout = packing.make_layout(lengths, 2, 6, 4)
+  view = jnp.arange(16.0).reshape(4, 4, 1) + 1
+  packed = np.asarray(layout.pack(view))[..., 0]
+  np.testing.assert_array_equal(packed[0, :5], [1, 2, 5, 6, 7])
+  np.testing.assert_array_equal(packed[1, :5], [9, 13, 14, 15, 16])
+  back = np.asarray(layout.unpack(layout.pack(view)))[..., 0]
+  for i, n in enumerate([2, 3, 1, 4]):
+    np.testing.assert_array_equal(back[i, :n], np.asarray(view)[i, :n, 0])
+    assert np.all(back[i, n:] == back[i, n - 1])
+  spec = packing.PackSpec(2, (4, 5, 8))
+  assert int(packing.choose_budget(lengths, spec)) == 1        # group totals 5, 5
+  assert int(packing.choose_budget(jnp.asarray([4, 4, 1, 1]), spec)) == 2
+  assert packing.token_budgets(32, 30, 69, 4) == (1272, 1584, 1896, 2208)
