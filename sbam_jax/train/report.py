@@ -49,7 +49,7 @@ def header_lines(task, params, workdir: str, start: int) -> list:
   return [
       f"task     {cfg.task}: {task.summary()}",
       f"model    ViT {m.embed_dim}d x{m.depth} ({m.num_heads} heads), patch {m.patch_size}, "
-      f"{m.img_size} px, {_count(n_params)} trainable parameters{flops}, compute {m.dtype}",
+      f"{m.img_size} px, {_count(n_params)} trainable parameters{flops}, compute {m.compute_dtype}",
       f"data     {where}: {source.num_examples} images, {task.steps_per_epoch} steps/epoch x {cfg.epochs} "
       f"epochs = {task.total_steps} steps",
       f"batch    {task.batch_size} global = {task.micro_batch // jax.device_count()} per device "
