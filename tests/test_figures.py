@@ -45,18 +45,21 @@ def test_hidden_overlay_darkens_and_hatches_only_hidden_pixels():
       np.testing.assert_allclose(out[y, x], want)
 
 
-def test_outline_marks_the_hidden_region_border_inside_it():
+def test_outline_draws_a_grid_over_hidden_patches_only():
   img = np.zeros((6, 6, 3))
   hidden = np.zeros((6, 6), bool)
-  hidden[1:5, 1:5] = True
-  out = figures.outline_hidden(img, hidden, color=(1.0, 0.5, 0.0))
-  ring = hidden.copy()
-  ring[2:4, 2:4] = False  # interior of the 4x4 block: no visible neighbour
-  np.testing.assert_array_equal(out[ring], np.tile([1.0, 0.5, 0.0], (ring.sum(), 1)))
-  np.testing.assert_array_equal(out[~ring], 0.0)
-  # hidden cells at the image edge border nothing visible there: no outline on the frame
-  full = figures.outline_hidden(img, np.ones((6, 6), bool))
-  np.testing.assert_array_equal(full, 0.0)
+  hidden[:3] = True  # the top two of four 3x3 patches
+  img[..., 2] = 0.5
+  out = figures.outline_hidden(img, hidden, 3, color=(1.0, 0.5, 0.0), alpha=0.4)
+  line = np.zeros((6, 6), bool)
+  line[[0, 2]] = True         # each hidden patch's top edge; the region's lower border
+  line[:3, [0, 3]] = True     # each hidden patch's left edge
+  np.testing.assert_allclose(out[line], np.tile([0.4, 0.2, 0.3], (line.sum(), 1)))
+  np.testing.assert_array_equal(out[~line], img[~line])  # patch interiors and visible patches
+  # without a patch side: the region's border only, never the image frame
+  border = figures.outline_hidden(img, hidden, color=(1.0, 0.5, 0.0), alpha=1.0)
+  np.testing.assert_array_equal(border[2, :, 0], 1.0)
+  assert border[:2, :, 0].sum() == 0 and border[3:, :, 0].sum() == 0
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,8 @@ def test_demo_run_learns_and_writes_everything(tmp_path, cache):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["45", "90"]
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
   figs = sorted(os.listdir(tmp_path / "figures"))
-  assert figs == ["step_0000045.png", "step_0000090.png"]
+  assert figs == ["metrics.png", "progress.npz", "progress.png", "step_0000045.png",
+                  "step_0000090.png"]
   assert "step 90/90" in out
   # The representation monitor (configs/demo.py, here every 4 epochs): start, epoch 4, end.
   knn = {r["step"]: r for r in rows if "knn/cls_top1" in r}

@@ -36,8 +36,8 @@ from sbam_jax.models.layers import patchify, unpatchify
 TILE = 128            # smallest tile side on a sheet, pixels
 COLUMNS = ("original", "salience", "mask", "reconstruction", "pasted")
 LEGEND = ("mask: hidden patches darkened and hatched.  reconstruction: the model's output.  "
-          "pasted: visible patches\nof the original, hidden ones predicted (outlined in "
-          "yellow).  Salience: patch grid, colour bar at the right.")
+          "pasted: visible patches\nof the original, hidden ones predicted (yellow grid).  "
+          "Salience: one cell per patch, colour bar at the right.")
 OUTLINE = np.array([1.0, 0.85, 0.0])  # the pasted column's hidden-region outline
 MAX_PROGRESS_COLUMNS = 8
 
@@ -107,12 +107,19 @@ def overlay_hidden(image: np.ndarray, hidden: np.ndarray, *, dim: float = 0.3,
   return np.where(hatch[..., None], 0.85, out)
 
 
-def outline_hidden(image: np.ndarray, hidden: np.ndarray, color=OUTLINE) -> np.ndarray:
-  """Hidden pixels that touch a visible pixel (4-neighbourhood) painted in
-  `color`: a one-pixel outline of the hidden region, inside it."""
+def outline_hidden(image: np.ndarray, hidden: np.ndarray, side: int | None = None,
+                   color=OUTLINE, alpha: float = 0.5) -> np.ndarray:
+  """Thin lines of `color` (blended by `alpha`) over the hidden region only: its
+  border (hidden pixels with a visible 4-neighbour) and, given the patch `side`,
+  each hidden patch's top and left edge, so hidden patches read as a faint grid
+  and visible ones stay clear."""
   h = np.pad(hidden, 1, constant_values=True)
   edge = hidden & ~(h[:-2, 1:-1] & h[2:, 1:-1] & h[1:-1, :-2] & h[1:-1, 2:])
-  return np.where(edge[..., None], np.asarray(color, image.dtype), image)
+  if side:
+    yy, xx = np.indices(hidden.shape)
+    edge |= hidden & ((yy % side == 0) | (xx % side == 0))
+  lines = (1 - alpha) * image + alpha * np.asarray(color, image.dtype)
+  return np.where(edge[..., None], lines, image)
 
 
 def tile_scale(size: int) -> int:
@@ -131,7 +138,7 @@ def sheet_tiles(parts: dict) -> list[list[np.ndarray]]:
     original = upscale(parts["original"][i], k)
     rows.append([original, cells_to_pixels(parts["salience"][i], side),
                  overlay_hidden(original, hidden), upscale(parts["recon"][i], k),
-                 outline_hidden(upscale(parts["pasted"][i], k), hidden)])
+                 outline_hidden(upscale(parts["pasted"][i], k), hidden, side)])
   return rows
 
 
@@ -223,7 +230,8 @@ def draw_progress(images: np.ndarray, steps, pasted: np.ndarray, hidden: np.ndar
     if r == 0:
       ax.set_title("original", fontsize=8.5)
     for c, s in enumerate(keep):
-      tile = outline_hidden(upscale(pasted[s, r] / 255.0, k), cells_to_pixels(hidden[s, r], side))
+      tile = outline_hidden(upscale(pasted[s, r] / 255.0, k), cells_to_pixels(hidden[s, r], side),
+                            side)
       ax = _axes(fig, left + (c + 1) * (t + gap), y, t, t, W, H)
       ax.imshow(tile, interpolation="nearest")
       if r == 0:
@@ -304,7 +312,7 @@ class FigureLog:
   def progress(self) -> np.ndarray:
     return draw_progress(self.images, self.steps, np.stack(self.pasted), np.stack(self.hidden),
                          title="the same images across the run\n(pasted: hidden patches "
-                               "predicted, outlined in yellow)")
+                               "predicted, in the yellow grid)")
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
