@@ -232,7 +232,7 @@ def demo():
     (lambda c: setattr(c.masking, "ratio_var", 0.4), "inside"),
     (lambda c: setattr(c.masking, "capacity", "auto"), "masking.capacity"),
     (lambda c: setattr(c.masking, "num_buckets", 0), "num_buckets"),
-    (lambda c: setattr(c, "warmup_epochs", 30), "warmup_epochs"),
+    (lambda c: setattr(c, "warmup_epochs", 50), "warmup_epochs"),  # > epochs (40)
     (lambda c: setattr(c, "random_epochs", 99), "random_epochs"),
     (lambda c: setattr(c.data, "source", "s3"), "data.source"),
     (lambda c: setattr(c.model, "img_size", 60), "multiple of patch_size"),
