@@ -280,7 +280,8 @@ class FigureLog:
     if os.path.exists(path):
       with np.load(path) as z:
         self.images = z["images"]
-        self.steps, self.pasted, self.hidden = list(z["steps"]), list(z["pasted"]), list(z["hidden"])
+        self.steps = [int(x) for x in z["steps"]]
+        self.pasted, self.hidden = list(z["pasted"]), list(z["hidden"])
 
   def choose(self, batch: dict, to_pixels) -> None:
     """Images from different classes where the batch has labels (a sheet of
