@@ -39,8 +39,7 @@ def test_schedule_matches_mae(step):
 
 
 def test_train_continues_a_converted_pytorch_checkpoint(tmp_path):
-  cfg = model_config("tiny", img_size=64, patch_size=8, decoder_embed_dim=128,
-                     decoder_depth=2)  # configs/demo.py's model
+  cfg = model_config("tiny", img_size=64, patch_size=8)
   ref = TorchMAE.from_config(cfg)
   named = dict(ref.named_parameters())
   no_decay = [n for n, p in named.items() if p.requires_grad and (p.ndim == 1 or n.endswith(".bias"))]
@@ -58,8 +57,8 @@ def test_train_continues_a_converted_pytorch_checkpoint(tmp_path):
   env = dict(os.environ, SBAM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3")
   conv = subprocess.run([sys.executable, "convert_checkpoints.py", "to-jax", str(src),
-                         str(tmp_path / "warm"), "--decoder-num-heads", "4"], cwd=ROOT, env=env,
-                        capture_output=True, text=True)
+                         str(tmp_path / "warm")], cwd=ROOT, env=env, capture_output=True,
+                        text=True)
   assert conv.returncode == 0, conv.stdout + conv.stderr
   work = tmp_path / "run"
   out = subprocess.run(
