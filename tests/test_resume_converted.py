@@ -74,5 +74,5 @@ def test_train_continues_a_converted_pytorch_checkpoint(tmp_path):
   with open(work / "metrics.jsonl") as f:
     first = json.loads(f.readline())
   assert first["step"] == 2 * steps_per_epoch + 1
-  want = adjust_learning_rate(2.0, 1.5e-3 * 32 / 256, 0.0, 1, 4)
+  want = adjust_learning_rate(2.0, 3e-2 * 32 / 256, 0.0, 1, 4)  # configs/demo.py's blr
   assert first["lr"] == pytest.approx(want, rel=1e-5)

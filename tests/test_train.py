@@ -60,7 +60,8 @@ def test_demo_run_learns_and_writes_everything(tmp_path, cache):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["45", "90"]
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
   figs = sorted(os.listdir(tmp_path / "figures"))
-  assert figs == ["step_0000045.png", "step_0000090.png"]
+  assert figs == ["metrics.png", "progress.npz", "progress.png", "step_0000045.png",
+                  "step_0000090.png"]
   assert "step 90/90" in out
   # The representation monitor (configs/demo.py, here every 4 epochs): start, epoch 4, end.
   knn = {r["step"]: r for r in rows if "knn/cls_top1" in r}
@@ -280,7 +281,7 @@ def demo():
     (lambda c: setattr(c.masking, "ratio_var", 0.4), "inside"),
     (lambda c: setattr(c.masking, "capacity", "auto"), "masking.capacity"),
     (lambda c: setattr(c.masking, "num_buckets", 0), "num_buckets"),
-    (lambda c: setattr(c, "warmup_epochs", 30), "warmup_epochs"),
+    (lambda c: setattr(c, "warmup_epochs", 50), "warmup_epochs"),  # > epochs (40)
     (lambda c: setattr(c, "random_epochs", 99), "random_epochs"),
     (lambda c: setattr(c.data, "source", "s3"), "data.source"),
     (lambda c: setattr(c.model, "img_size", 60), "multiple of patch_size"),

@@ -28,7 +28,7 @@ from sbam_jax import masking, optim, registry, sharding
 from sbam_jax.data import device as device_ops
 from sbam_jax.errors import ConfigError
 from sbam_jax.models import MaskedAutoencoder, packing
-from sbam_jax.train import figures, flops
+from sbam_jax.train import figures, flops, plots
 from sbam_jax.train.step import TrainState, make_train_step
 from sbam_jax.train.task import Task
 from sbam_jax.train.weights import model_card, take
@@ -139,7 +139,8 @@ class PretrainTask(Task):
     self.tx = self.make_optimizer(abstract_params, optim.reference_decay_mask(abstract_params))
     self.flops_per_image = flops.mae(self.model_cfg, (self.capacity + self.warm_capacity) // 2)
     self._step_fns: dict = {}
-    self._figure_batch = None
+    self._figures = None      # figures.FigureLog, process 0's figure images
+    self._figure_step = None  # the last step drawn
 
   @property
   def card(self) -> dict:
@@ -256,16 +257,23 @@ class PretrainTask(Task):
 
     return fn
 
+  def has_side_output(self, step):
+    return step % self.config.figure_every == 0 or (self._figures is None and self.process == 0)
+
   def after_step(self, state, step, batch, writer):
-    if self._figure_batch is None:
-      import numpy as np  # pylint: disable=g-import-not-at-top
-      few = {k: batch[k][: self.config.figure_images] for k in self.batch_keys()}
-      self._figure_batch = np.asarray(device_ops.pixels(few, self.image_size), np.uint8)
+    if self._figures is None and self.process == 0:
+      self._figures = figures.FigureLog(os.path.join(self.workdir, "figures"),
+                                        self.config.figure_images)
+      self._figures.choose({k: batch[k] for k in (*self.batch_keys(), "label") if k in batch},
+                           lambda few: device_ops.pixels(few, self.image_size))
     if step % self.config.figure_every == 0:
       self._figure(state, step, writer)
 
   def at_end(self, state, step, writer):
-    self._figure(state, step, writer)
+    if self._figure_step != step:  # not drawn already by after_step at this step
+      self._figure(state, step, writer)
+    if self.process == 0:
+      plots.write_metrics_plot(self.workdir)
 
   def close(self):
     if self.bucketed and self.process == 0:
@@ -277,11 +285,20 @@ class PretrainTask(Task):
     process 0 draws."""
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     params, fixed = multihost_utils.process_allgather((state.params, state.fixed), tiled=True)
-    if self._figure_batch is None or self.process != 0:
+    self._figure_step = step
+    if self._figures is None or self.process != 0:
       return
     model = nnx.merge(self.graphdef, params, fixed)
+    warm = step < self.random_steps  # the masking the next step uses
     # A few images cannot form the training AMR group: one ratio per image here.
-    image = figures.panels(model, self._figure_batch,
-                           dataclasses.replace(self.spec, group_size=1), jax.random.PRNGKey(step))
-    figures.save_png(image, os.path.join(self.workdir, "figures", f"step_{step:07d}.png"))
+    # One masking key for every figure, so the progress sheet's columns differ by training only.
+    spec = self.warm_spec if warm else dataclasses.replace(self.spec, group_size=1)
+    parts = figures.reconstruct(model, self._figures.images, spec, jax.random.PRNGKey(0))
+    title = figures.sheet_title(step, step / self.steps_per_epoch,
+                                "random (warm-up)" if warm else spec.method, parts["hidden"])
+    image = figures.draw_sheet(parts, title=title, delta=None if warm else spec.delta)
+    folder = os.path.join(self.workdir, "figures")
+    figures.save_png(image, os.path.join(folder, f"step_{step:07d}.png"))
+    self._figures.add(step, parts)
+    figures.save_png(self._figures.progress(), os.path.join(folder, "progress.png"))
     writer.image(step, "reconstruction", image)
