@@ -8,7 +8,6 @@ end-to-end ones run train.py on the demo config for 30 steps."""
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import shutil
 import subprocess
@@ -25,6 +24,13 @@ from sbam_jax.train import checkpointing as C
 from workdir_helpers import final_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The faults, the runs and the kill-inside-a-save program are the fault script's
+# (scripts/fault_checkpoints.py): the script and the tests inject the same faults.
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from fault_checkpoints import KILL_IN_SAVE as KILLED_IN_SAVE  # noqa: E402
+from fault_checkpoints import array_file as largest_array_file  # noqa: E402
+from fault_checkpoints import bit_flip, truncate  # noqa: E402
+from fault_checkpoints import train as _script_train  # noqa: E402
 STEPS = (5, 10, 15)
 
 
@@ -61,29 +67,8 @@ def copy(saved, tmp_path):
   return target
 
 
-def largest_array_file(directory: str, step: int) -> str:
-  files = glob.glob(os.path.join(directory, str(step), "default", "**", "d", "*"), recursive=True)
-  return max(files, key=os.path.getsize)
-
-
-def truncate(directory, step):
-  path = largest_array_file(directory, step)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
-
-
 def delete_data(directory, step):
   os.remove(largest_array_file(directory, step))
-
-
-def bit_flip(directory, step):
-  """64 bytes in the middle of the largest array file, every bit inverted."""
-  path = largest_array_file(directory, step)
-  with open(path, "r+b") as f:
-    f.seek(os.path.getsize(path) // 2)
-    chunk = f.read(64)
-    f.seek(-len(chunk), 1)
-    f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def delete_metadata(directory, step):
@@ -234,12 +219,18 @@ def test_failure_in_the_background_save_stops_at_the_next_save(tmp_path, monkeyp
   assert_state(state, 5)
 
 
-def test_full_disk_stops_the_save_and_keeps_the_last_step(tmp_path):
+def small_disk(tmp_path, size: str):
+  """A tmpfs of `size` under tmp_path (skips where mounting is not allowed)."""
   mount = tmp_path / "small"
   mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                     capture_output=True).returncode:
     pytest.skip("cannot mount a tmpfs here")
+  return mount
+
+
+def test_full_disk_stops_the_save_and_keeps_the_last_step(tmp_path):
+  mount = small_disk(tmp_path, "160k")
   try:
     directory = str(mount / "checkpoints")
     ckpt = C.Checkpointer(directory, keep=1)
@@ -278,32 +269,6 @@ def test_keep_deletes_only_behind_complete_steps(tmp_path):
 # ---------------------------------------------------------------------------
 # End to end: train.py on the demo config, 30 steps, a checkpoint every 5.
 
-RUN = ["--config.epochs=2", "--config.warmup_epochs=1", "--config.random_epochs=1",
-       "--config.evals.knn.every=0", "--config.log_every=5", "--config.checkpoint_every=5",
-       "--config.figure_every=1000"]
-
-# train.py, killed (SIGKILL) inside the save of step 20: every file of the step
-# is written, the commit (rename) has not happened.
-KILLED_IN_SAVE = """
-import os, runpy, signal, sys
-from sbam_jax.train import checkpointing
-write = checkpointing.write_record
-def write_or_die(folder, step):
-  if step == 20:
-    os.kill(os.getpid(), signal.SIGKILL)
-  return write(folder, step)
-checkpointing.write_record = write_or_die
-sys.argv = ["train.py"] + sys.argv[1:]
-runpy.run_path("train.py", run_name="__main__")
-"""
-
-
-# Runs after the first load its compiled programs (the same programs: results
-# are unchanged) instead of compiling for ~30 s of CPU each.
-COMPILE_CACHE = lambda cache: {"JAX_COMPILATION_CACHE_DIR": os.path.join(cache, "xla"),
-                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("cache"))
@@ -311,13 +276,7 @@ def cache(tmp_path_factory):
 
 def train(workdir, cache, *, code=None):
   """(exit status, stdout, stderr) of train.py (or `code` given its arguments)."""
-  env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             **COMPILE_CACHE(cache))
-  head = ["-c", code] if code else [os.path.join(ROOT, "train.py")]
-  config = os.path.join(ROOT, "configs", "demo.py")
-  proc = subprocess.run([sys.executable, *head, "--config", config, "--workdir", str(workdir),
-                         *RUN], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  return proc.returncode, proc.stdout, proc.stderr
+  return _script_train(str(workdir), cache, code)
 
 
 @pytest.fixture(scope="module")
@@ -360,11 +319,7 @@ def test_kill_in_a_save_and_a_damaged_step_resume_bit_identically(tmp_path, cach
 
 
 def test_full_disk_ends_the_run_with_one_line(tmp_path, cache):
-  mount = tmp_path / "small"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a tmpfs here")
+  mount = small_disk(tmp_path, "3m")
   try:
     status, out, err = train(mount / "run", cache)
     assert status == 4, out + err  # an output that could not be written

@@ -111,16 +111,19 @@ def test_ranges_that_depend_on_other_keys():
                      r"\[0.45, 1.05\] .* must lie inside \(0, 1\).* must be < 0.25"):
     parsed("masking.ratio_var", 0.3)
   assert parsed("masking.ratio_var", 0.2).masking.ratio_var == 0.2
-  # warm-up: at most the whole run (24 epochs in the demo).
-  with pytest.raises(C.ConfigError, match=r"warmup_epochs = 25 .* in \[0, epochs\] = \[0, 24\]"):
-    parsed("warmup_epochs", 25)
-  with pytest.raises(C.ConfigError, match=r"random_epochs = 24 .* in \[0, epochs\) = \[0, 24\)"):
-    parsed("random_epochs", 24)
-  assert parsed("random_epochs", 23).random_epochs == 23
-  # min_lr above the peak lr 1.5e-3 * 32 / 256 = 1.875e-4 would make the cosine rise.
-  with pytest.raises(C.ConfigError, match=r"min_lr = 0.001 .* \[0, 0.0001875\]"):
-    parsed("min_lr", 1e-3)
-  assert parsed("min_lr", 1.875e-4).min_lr == 1.875e-4
+  # warm-up: at most the whole run (the demo's epochs E).
+  d = demo.get_config()
+  E = d.epochs
+  with pytest.raises(C.ConfigError, match=rf"warmup_epochs = {E + 1} .* in \[0, epochs\] = \[0, {E}\]"):
+    parsed("warmup_epochs", E + 1)
+  with pytest.raises(C.ConfigError, match=rf"random_epochs = {E} .* in \[0, epochs\) = \[0, {E}\)"):
+    parsed("random_epochs", E)
+  assert parsed("random_epochs", E - 1).random_epochs == E - 1
+  # min_lr above the peak lr blr * batch / 256 would make the cosine rise.
+  peak = d.blr * d.batch_size / 256
+  with pytest.raises(C.ConfigError, match=rf"min_lr = {2 * peak:g} .* \[0, {peak:g}\]"):
+    parsed("min_lr", 2 * peak)
+  assert parsed("min_lr", peak).min_lr == peak
   for bad in (0, -2):
     with pytest.raises(C.ConfigError, match=rf"mesh.data = {bad} .* -1 \(all devices not used "
                        rf"by fsdp\) or >= 1"):

@@ -70,7 +70,7 @@ def test_train_continues_a_converted_pytorch_checkpoint(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr
   steps_per_epoch = 480 // 32
-  assert f"steps {2 * steps_per_epoch}..{4 * steps_per_epoch}" in out.stdout
+  assert f"steps {2 * steps_per_epoch}..{4 * steps_per_epoch} (from epoch 2.00)" in out.stdout
   with open(work / "metrics.jsonl") as f:
     first = json.loads(f.readline())
   assert first["step"] == 2 * steps_per_epoch + 1

@@ -207,7 +207,7 @@ def _train(task, state, state_sh, ckpt, evaluators, report, lock) -> int:
         task.after_step(state, step, batch, report.writer)
       _evaluate(task, evaluators, report, state, step)
       if preempt.requested(step):
-        report.say(f"{signals.name(preempt.signal)}: saving step {step} and exiting")
+        print(f"{signals.name(preempt.signal)}: saving step {step} and exiting", flush=True)
         status = _save(report, ckpt, step, state, force=True) or preempt.exit_status
         break
     if status == 0:

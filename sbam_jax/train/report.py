@@ -44,8 +44,7 @@ def header_lines(task, params, workdir: str, start: int) -> list:
   if cfg.data.source == "tfds" and cfg.data.tfds_data_dir:
     where += f" in {cfg.data.tfds_data_dir}"
   devices = jax.devices()
-  resume = (f"resuming at step {start} (epoch {start / task.steps_per_epoch:.2f})" if start
-            else "starting at step 0")
+  resume = (f"steps {start}..{task.total_steps} (from epoch {start / task.steps_per_epoch:.2f})")
   return [
       f"task     {cfg.task}: {task.summary()}",
       f"model    ViT {m.embed_dim}d x{m.depth} ({m.num_heads} heads), patch {m.patch_size}, "
