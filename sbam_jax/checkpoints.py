@@ -38,6 +38,8 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+from sbam_jax.files import honour_umask
+
 CARD = "sbam_jax.json"
 FORMAT = "sbam_jax.params/1"
 WORKDIR_FORMAT = "sbam_jax.workdir/1"
@@ -52,6 +54,7 @@ def write_folder(directory: str, fill) -> None:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".", suffix=".tmp", dir=parent)
   try:
+    honour_umask(tmp)  # (mkdtemp makes it 0700)
     fill(tmp)
     if os.path.exists(directory):
       old = tmp + ".old"

@@ -219,3 +219,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
                    "dry run: nothing trained or written"):
     assert expected in text, text
   assert not (tmp_path / "w").exists()
+
+
+def test_outputs_renamed_into_place_honour_the_umask(tmp_path):
+  """mkdtemp/mkstemp make 0700/0600; what is renamed into place gets what a
+  plain open/makedirs would give under the umask."""
+  from sbam_jax import checkpoints
+  from sbam_jax.convert import torch_io
+  from sbam_jax.files import umask
+  checkpoints.write_folder(str(tmp_path / "ckpt"), lambda tmp: None)
+  torch_io.save_pth({"a": 1}, str(tmp_path / "x.pth"))
+  assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == 0o777 & ~umask()
+  assert os.stat(tmp_path / "x.pth").st_mode & 0o777 == 0o666 & ~umask()
