@@ -14,7 +14,7 @@ import pytest
 
 from sbam_jax import config as C
 from sbam_jax.train import pretrain
-from workdir_helpers import final_state, metrics
+from workdir_helpers import final_state, metrics, tensorboard_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -99,17 +99,6 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   assert [s for s, _ in loss(killed)] == list(range(1, 46))
   assert loss(killed) == loss(straight)
   assert tensorboard_steps(killed, "loss") == list(range(1, 46))
-
-
-def tensorboard_steps(workdir, tag):
-  import tensorflow as tf
-  folder = os.path.join(workdir, "tensorboard")
-  steps = []
-  for name in os.listdir(folder):
-    for raw in tf.data.TFRecordDataset(os.path.join(folder, name)):
-      event = tf.compat.v1.Event.FromString(raw.numpy())
-      steps += [event.step for v in event.summary.value if v.tag == tag]
-  return sorted(steps)
 
 
 def test_bucketed_capacity_trains_like_maximum_capacity(tmp_path, cache):

@@ -37,17 +37,20 @@ class MetricWriter:
 
   # ---- metrics.jsonl ------------------------------------------------------------
 
-  def records(self) -> list:
-    """The whole records in metrics.jsonl (a cut-off last line is not one)."""
+  def _read(self) -> bytes:
     if not os.path.exists(self.jsonl):
-      return []
-    out = []
+      return b""
     with open(self.jsonl, "rb") as f:
-      for line in f.read().split(b"\n"):
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          continue  # an empty or cut-off line
+      return f.read()
+
+  def records(self, whole: bytes | None = None) -> list:
+    """The whole records in metrics.jsonl (a cut-off last line is not one)."""
+    out = []
+    for line in (self._read() if whole is None else whole).split(b"\n"):
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue  # an empty or cut-off line
     return out
 
   def _rewrite(self, records: list) -> None:
@@ -76,13 +79,11 @@ class MetricWriter:
     """Keep only records up to `step` (the restored state) in both logs."""
     if not self.enabled:
       return
-    if os.path.exists(self.jsonl):
-      with open(self.jsonl, "rb") as f:
-        whole = f.read()
-      records = self.records()
-      kept = [r for r in records if r.get("step", 0) <= step]
-      if len(kept) != len(records) or (whole and not whole.endswith(b"\n")):
-        self._rewrite(kept)
+    whole = self._read()
+    records = self.records(whole)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records) or (whole and not whole.endswith(b"\n")):
+      self._rewrite(kept)
     trim_events(self.tb_dir, step)
 
   # ---- writing ------------------------------------------------------------------

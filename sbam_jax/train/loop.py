@@ -53,11 +53,8 @@ def dry(task, workdir: str, started: float) -> int:
   """`--dry_run`: the resolved config, the header and the compiled step's
   per-device memory; reads the data's index, writes nothing."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  abstract = jax.eval_shape(lambda: task.init_state(False))
-  state_sh = sharding.tree_shardings(task.mesh, abstract).replace(
-      rng=NamedSharding(task.mesh, P()), step=NamedSharding(task.mesh, P()))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = [int(s) for s in os.listdir(ckpt_dir) if s.isdigit()] if os.path.isdir(ckpt_dir) else []
+  abstract, state_sh = _abstract_state(task)
+  steps = checkpointing.list_steps(os.path.join(workdir, "checkpoints"))
   lines = [f"config.{k} = {v!r}" for k, v in _flat(dataclasses.asdict(task.config))]
   lines += report_lib.header_lines(task, abstract.params, workdir, max(steps, default=0))
   t0 = time.time()
@@ -95,12 +92,19 @@ def _make_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir} is not writable: choose another --workdir")
 
 
+def _abstract_state(task):
+  """(the state's shapes, its shardings): what restoring or compiling needs,
+  from shapes only (reads no file)."""
+  abstract = jax.eval_shape(lambda: task.init_state(False))
+  replicated = NamedSharding(task.mesh, P())
+  state_sh = sharding.tree_shardings(task.mesh, abstract).replace(rng=replicated, step=replicated)
+  return abstract, state_sh
+
+
 def _restore_or_init(task, ckpt):
   """(state, its shardings): the workdir's latest checkpoint, else a fresh
   state (reading `init_from`)."""
-  abstract = jax.eval_shape(lambda: task.init_state(False))  # shapes only, reads no file
-  replicated = NamedSharding(task.mesh, P())
-  state_sh = sharding.tree_shardings(task.mesh, abstract).replace(rng=replicated, step=replicated)
+  abstract, state_sh = _abstract_state(task)
   found = ckpt.restore_latest(checkpointing.abstract_like(abstract, state_sh))  # verified
   if found is None:
     return jax.device_put(task.init_state(True), state_sh), state_sh
