@@ -230,8 +230,9 @@ class TorchViT(nn.Module):
       self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
     self.head = nn.Linear(embed_dim, num_classes)
 
-  def forward(self, imgs, token_order=None):
-    """`token_order` permutes the patch tokens (same result, other summation order)."""
+  def encode(self, imgs, token_order=None):
+    """The tokens after the last block (cls first). `token_order` permutes the
+    patch tokens (same result, other summation order)."""
     x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
     if token_order is not None:
       x = x[:, token_order]
@@ -239,6 +240,10 @@ class TorchViT(nn.Module):
     x = torch.cat([cls, x], dim=1)
     for blk in self.blocks:
       x = blk(x)
+    return x
+
+  def forward(self, imgs, token_order=None):
+    x = self.encode(imgs, token_order)
     if self.global_pool:
       feat = self.fc_norm(x[:, 1:, :].mean(dim=1))
     else:
@@ -335,14 +340,7 @@ class TorchProbe(nn.Module):
   def forward(self, imgs, token_order=None):
     v = self.vit
     with torch.no_grad():
-      x = v.patch_embed(imgs) + v.pos_embed[:, 1:, :]
-      if token_order is not None:
-        x = x[:, token_order]
-      cls = (v.cls_token + v.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-      x = torch.cat([cls, x], dim=1)
-      for blk in v.blocks:
-        x = blk(x)
-      feat = v.norm(x)[:, 0]
+      feat = v.norm(v.encode(imgs, token_order))[:, 0]
     return v.head(self.head_bn(feat))
 
 
