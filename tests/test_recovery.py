@@ -183,6 +183,21 @@ def _snapshot(workdir):
           for d, _, fs in os.walk(workdir) for f in fs}
 
 
+def test_summary_lists_files_and_passes_over_files_that_went_away(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text("{}\n" * 1000)
+  steps = tmp_path / "checkpoints"
+  (steps / "8").mkdir(parents=True)
+  (steps / "8" / "data").write_bytes(b"x" * 2_000_000)
+  (steps / "9.orbax-checkpoint-tmp").mkdir()
+  os.symlink(steps / "gone", steps / "9.orbax-checkpoint-tmp" / "lock")  # removed meanwhile
+  old = tmp_path / "old.txt"
+  old.write_text("from an earlier run")
+  os.utime(old, (1.0, 1.0))
+  lines = report_lib.written(str(tmp_path), since=10.0)
+  assert lines == [f"{steps}/ steps [8] (2.0 MB written)",
+                   f"{tmp_path / 'metrics.jsonl'} (0.00 MB)"], lines
+
+
 def test_refused_resumes_and_failed_starts_change_nothing(tmp_path):
   work = tmp_path / "w"
   out = _train(work)

@@ -134,6 +134,9 @@ def test_stop_signals_save_and_exit(tmp_path, cache, sig):
   assert f"{name}: saving step" in out
   saved = int(out.split(f"{name}: saving step ")[1].split()[0])
   assert str(saved) in os.listdir(tmp_path / "checkpoints")
+  # the summary comes after the save has committed, and names it
+  wrote = [l for l in out.splitlines() if l.startswith("wrote") and "checkpoints/ steps" in l]
+  assert wrote and f"{saved}]" in wrote[0], out
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, cache):

@@ -219,6 +219,8 @@ def _train(task, state, state_sh, ckpt, evaluators, report, lock) -> int:
     if status == 0:
       with report.side("figures", state):
         task.at_end(state, step, report.writer)
+    with report.side("checkpoint", state):
+      ckpt.wait()  # the summary names committed files only (a save may still be writing)
   finally:
     preempt.restore()
   _report_skips(data, report)

@@ -173,15 +173,24 @@ def written(workdir: str, since: float) -> list:
     path = os.path.join(workdir, name)
     files = ([path] if os.path.isfile(path) else
              [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs])
-    new = [f for f in files if os.path.getmtime(f) >= since - 1]
-    if not new:
+    stats = [st for st in map(_stat, files) if st is not None and st.st_mtime >= since - 1]
+    if not stats:
       continue
-    size = sum(os.path.getsize(f) for f in new)
+    size = sum(st.st_size for st in stats)
     if os.path.isfile(path):
       out.append(f"{path} ({size / 1e6:.2f} MB)")
     elif name == "checkpoints":
       steps = sorted(int(s) for s in os.listdir(path) if s.isdigit())
       out.append(f"{path}/ steps {steps} ({size / 1e6:.1f} MB written)")
     else:
-      out.append(f"{path}/ ({len(new)} files, {size / 1e6:.2f} MB)")
+      out.append(f"{path}/ ({len(stats)} files, {size / 1e6:.2f} MB)")
   return out
+
+
+def _stat(path: str):
+  """os.stat, or None for a file that went away meanwhile (another
+  process's temporary file)."""
+  try:
+    return os.stat(path)
+  except OSError:
+    return None
