@@ -306,11 +306,23 @@ def counted(size, method, group, capacity, keeps, cache, depths) -> tuple[float,
   """(step FLOPs, helper FLOPs) XLA counts at `depths` (enc, dec) blocks."""
   task = make_task(make_config(size, method, group=group, capacity=capacity, batch=BATCH,
                                depths=depths))
+  if task.pack is not None and keeps is not None:
+    task.pack = chosen_budget(task.pack, keeps)
   abstract, shardings = abstract_state(task)
   with keep_lengths(keeps):
     records = capture_step(task, light_state(abstract), shardings, host_batch(task), cache)
   step = sum(flops_of(c) for name, c in records if name == "step")
   return step, sum(flops_of(c) for name, c in records if name != "step")
+
+
+def chosen_budget(pack, keeps):
+  """The packing spec cut to the one budget the step picks for `keeps`: XLA's
+  count of a `lax.switch` is that of its largest branch, not of the branch
+  that runs, so the audit compiles the chosen branch alone."""
+  from sbam_jax.models import packing  # pylint: disable=g-import-not-at-top
+  lengths = jnp.asarray(np.resize(np.asarray(keeps, np.int32), BATCH) + 1)
+  index = int(packing.choose_budget(lengths, pack))
+  return packing.PackSpec(pack.groups, (pack.budgets[index],))
 
 
 def audit_cell(size, method, group, capacity, phase, cache, decoder_delta) -> dict:
@@ -340,6 +352,9 @@ def audit_cell(size, method, group, capacity, phase, cache, decoder_delta) -> di
              helper_gflops_per_img=round(helper / BATCH / 1e9, 3),
              optimizer_gflops_per_step=round(opt / 1e9, 2),
              audit_s=round(time.perf_counter() - t0, 1))
+  if task.pack is not None and keeps is not None:  # tokens computed / tokens kept (+ cls)
+    row["budget_tokens"] = chosen_budget(task.pack, keeps).budgets[0]
+    row["kept_tokens"] = int(np.sum(np.asarray(keeps) + 1))
   if capacity == "max":  # the formula at the compiled shapes against XLA's count
     at_cap = ideal_flops(cfg, [task.capacity], salience=salience)
     row["formula_vs_counted"] = round(at_cap / per_image, 4)

@@ -310,7 +310,7 @@ class MaskingConfig:
   group: str = "device"         # AMR ratio shared per 'sample' | 'device' batch | 'global' batch
   capacity: str = "max"         # 'max' (one compile, no host sync) | 'packed' | 'bucketed'
   num_buckets: int = 4          # 'bucketed': compiled encoder capacities
-  num_budgets: int = 8          # 'packed': token budgets per device (lax.switch branches)
+  num_budgets: int = 20         # 'packed': token budgets per device, geometric (lax.switch branches)
 
 
 def group_size(group: str, *, global_batch: int, num_devices: int) -> int:

@@ -7,9 +7,16 @@ along its last dimension divisible by the axis size (for stacked blocks
 (depth, in, out) that is `out`, so a scanned layer never needs the depth axis
 gathered); everything else is replicated. One rule for parameters, AdamW
 moments and anything shaped like them.
+
+Inside a step the layers gather their weights (`gathered`): FSDP as ZeRO-3,
+one layer's weights whole at a time, activations split by batch only.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
 
 import numpy as np
 import jax
@@ -54,3 +61,52 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
   """Assemble the global batch from this process's rows (process order)."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
+_MESH = contextvars.ContextVar("sbam_jax_fsdp_mesh", default=None)
+
+
+@contextlib.contextmanager
+def gathering(mesh: Mesh):
+  """While a step for `mesh` is traced, `gathered` all-gathers FSDP weights."""
+  token = _MESH.set(mesh if mesh.shape["fsdp"] > 1 else None)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
+
+
+def gathered(tree):
+  """`tree` (a layer's weights) whole on every device where it is used.
+
+  Left to itself XLA's partitioner may keep a weight split over 'fsdp' and
+  split the matmul's activations that way instead, gathering activations,
+  not weights: ViT-B at 16 images a device, fsdp 8, needed 11.9 GB of
+  temporaries against 4.5 GB with plain data parallelism; with the gather,
+  3.8 GB. A no-op outside `gathering` and without an 'fsdp' axis."""
+  mesh = _MESH.get()
+  if mesh is None:
+    return tree
+  whole = NamedSharding(mesh, P())
+  return jax.tree.map(lambda w: jax.lax.with_sharding_constraint(w, whole), tree)
+
+
+def batch_split(x: jax.Array) -> jax.Array:
+  """`x` (images or packing groups first) split by batch over the mesh, the
+  other half of the same fix: with weights gathered, each block's input
+  and output stay split as the batch is (ViT-B, 16 a device, fsdp 8, two
+  micro-batches: 6.7 GB of temporaries with the gather alone, 4.3 GB with
+  this too; one device: 4.7 GB). A no-op outside `gathering`."""
+  mesh = _MESH.get()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+
+
+def jit(fn, mesh: Mesh, **kwargs):
+  """`jax.jit(fn, **kwargs)` whose tracing runs under `gathering(mesh)`."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with gathering(mesh):
+      return fn(*args)
+  return jax.jit(traced, **kwargs)

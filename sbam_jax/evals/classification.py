@@ -62,8 +62,8 @@ class ClassificationEvaluator(Evaluator):
     cfg = task.config
     self.source = task.source(split or cfg.data.eval_split_name())
     self.batch_size = batch_size or getattr(cfg, "eval_batch_size", cfg.batch_size)
-    self.step = jax.jit(make_eval_step(task.logits_fn(), task.num_classes),
-                        out_shardings=NamedSharding(task.mesh, P()))
+    self.step = sharding.jit(make_eval_step(task.logits_fn(), task.num_classes), task.mesh,
+                             out_shardings=NamedSharding(task.mesh, P()))
     self.best: Optional[float] = None
 
   def run(self, state) -> dict:

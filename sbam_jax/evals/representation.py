@@ -40,7 +40,7 @@ def l2_normalise(x: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=16)
 def _feature_step(feature_fn: Callable, mesh: Mesh):
-  return jax.jit(feature_fn, out_shardings=sharding.batch_sharding(mesh))
+  return sharding.jit(feature_fn, mesh, out_shardings=sharding.batch_sharding(mesh))
 
 
 @functools.lru_cache(maxsize=16)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sbam_jax import sharding
+
 xavier_uniform = nnx.initializers.xavier_uniform()
 LN_EPS = 1e-6
 
@@ -207,7 +209,9 @@ class BlockStack(nnx.Module):
 
     def body(h, layer):
       params, rate, k = layer
-      return nnx.merge(graphdef, params)(h, kv_len, rate, k, layout), None
+      params = sharding.gathered(params)  # FSDP: this layer's weights, gathered here
+      h = nnx.merge(graphdef, params)(sharding.batch_split(h), kv_len, rate, k, layout)
+      return sharding.batch_split(h), None
 
     if self.remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)

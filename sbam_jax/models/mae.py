@@ -107,9 +107,9 @@ class MaskedAutoencoder(nnx.Module):
     if pack is not None and padded:
       graphdef, blocks = nnx.split(enc.blocks)
       norm_def, norm = nnx.split(enc.norm)
-      run = lambda h, layout: nnx.merge(norm_def, norm)(
-          nnx.merge(graphdef, blocks)(h, layout=layout))
-      return packing.run_packed(run, x, plan.len_keep + 1, pack)
+      run = lambda p, h, layout: nnx.merge(norm_def, p[1])(
+          nnx.merge(graphdef, p[0])(h, layout=layout))
+      return packing.run_packed(run, (blocks, norm), x, plan.len_keep + 1, pack)
     kv_len = plan.len_keep + 1 if padded else None
     return enc.norm(enc.blocks(x, kv_len))
 

@@ -212,8 +212,9 @@ class PretrainTask(Task):
     def compile_step(cap, with_salience):
       shard = {k: bsh for k in keys + (("salience",) if with_salience else ())}
       fn = make_train_step(self.loss(cap), self.tx, accum_steps=self.config.accum_steps)
-      return jax.jit(fn, in_shardings=(state_shardings, shard),
-                     out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+      return sharding.jit(fn, mesh, in_shardings=(state_shardings, shard),
+                          out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                          donate_argnums=0)
 
     def step(state, batch):
       arrays = {k: sharding.global_batch(mesh, batch[k]) for k in keys}

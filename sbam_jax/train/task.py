@@ -136,10 +136,10 @@ class Task:
 
   def _jit_step(self, state_shardings):
     bsh = sharding.batch_sharding(self.mesh)
-    return jax.jit(make_train_step(self.loss(), self.tx, accum_steps=self.config.accum_steps),
-                   in_shardings=(state_shardings, {k: bsh for k in self.batch_keys()}),
-                   out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
-                   donate_argnums=0)
+    return sharding.jit(make_train_step(self.loss(), self.tx, accum_steps=self.config.accum_steps),
+                        self.mesh, in_shardings=(state_shardings, {k: bsh for k in self.batch_keys()}),
+                        out_shardings=(state_shardings, NamedSharding(self.mesh, P())),
+                        donate_argnums=0)
 
   def train_step(self, state_shardings) -> Callable:
     """The pure step (`step.py`) jitted with explicit shardings, state donated;
