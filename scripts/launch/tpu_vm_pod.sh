@@ -45,8 +45,10 @@ case "${1:-}" in
     ;;
   train)
     shift
+    args=""
+    if [ $# -gt 0 ]; then args=$(printf '%q ' "$@"); fi
     on_all "WORKDIR=$(printf %q "$WORKDIR") DATA_DIR=$(printf %q "$DATA_DIR") \
-      bash ~/sbam_jax/scripts/launch/tpu_worker.sh $(printf '%q ' "$@")"
+      bash ~/sbam_jax/scripts/launch/tpu_worker.sh $args"
     ;;
   logs)
     tpu ssh "$TPU_NAME" --worker=0 --command='tail -n 50 -F ~/sbam_train.log'

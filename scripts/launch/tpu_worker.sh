@@ -2,12 +2,13 @@
 # Start train.py on this TPU VM worker (tpu_vm_pod.sh runs it on every worker).
 #
 # A TPU VM made with `gcloud compute tpus tpu-vm create` keeps its worker
-# number and its peers in the metadata server, not in the environment, and
-# train.py joins a multi-process run by itself only when SLURM_JOB_ID,
-# TPU_WORKER_HOSTNAMES or MEGASCALE_COORDINATOR_ADDRESS is set. So this script
-# reads the metadata and passes --coordinator_address (worker 0),
-# --num_processes and --process_id explicitly (where MEGASCALE_* is set, a
-# multislice run, jax finds everything itself and no flags are passed).
+# number and its peers in the metadata server, while train.py joins a
+# multi-process run by itself only when SLURM_JOB_ID, TPU_WORKER_HOSTNAMES or
+# MEGASCALE_COORDINATOR_ADDRESS is in the environment, which the image need
+# not export. So this script reads the metadata and passes
+# --coordinator_address (worker 0), --num_processes and --process_id
+# explicitly (where MEGASCALE_* is set, a multislice run, jax finds
+# everything itself and no flags are passed).
 #
 # train.py runs in a new session (setsid): losing the ssh connection must not
 # send it SIGHUP, which it treats as a stop request (save, exit 129).
@@ -37,7 +38,7 @@ fi
 # The recipe at 800 epochs; global batch 4096 whatever the slice (see
 # docs/launch.md for accum_steps, remat and checkpoint_every per slice).
 setsid "$PYTHON" train.py --config=configs/pretrain.py:large,sbam --workdir="$WORKDIR" \
-  "${JOIN[@]}" \
+  ${JOIN[@]+"${JOIN[@]}"} \
   --config.epochs=800 \
   --config.data.source=tfds --config.data.tfds_data_dir="$DATA_DIR" \
   --config.checkpoint_every=10000 --config.log_every=500 \
