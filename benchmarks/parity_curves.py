@@ -5,28 +5,24 @@ on the same images in the same order, from the same initial weights (through
 the converter), with the same masks, in float32:
 
   pretrain_* PretrainTask (AdamW + decay mask, warm-up + cosine, accumulation,
-             random masking, then from `random_epochs` the mode's masking:
-             random, SBM, or SBAM with the AMR ratio per sample, per device
-             batch or per global batch)
-  finetune   FinetuneTask (AdamW, layer-wise lr decay, label smoothing;
-             drop-path, mixup / cutmix and random erasing off)
+             random masking until `random_epochs`, then the mode's: random,
+             SBM, or SBAM with the AMR ratio per sample / device / global batch)
+  finetune   FinetuneTask (AdamW, layer-wise lr decay, label smoothing)
   linprobe   LinprobeTask (frozen encoder, BatchNorm + Linear, LARS)
 
-Our side runs through the task objects only: `init_state`, `train_step` (the
-jitted step the training loop uses, with the task's own loss, optimizer and
-schedule); its loss reports the masking key and the mask of every
-micro-batch (`pretrain_loss(on_plan=...)`). The reference side runs MAE's
-engine (lr set per optimizer step, `loss / accum_iter` backward) on exactly
-those masks, and also builds its own from the reported key (its own switch
-step, salience, AMR group and SBM order): any sample whose kept tokens
-differ counts as a mask mismatch, which fails the comparison.
+Our side is the task objects' `init_state` and jitted `train_step`; its loss
+reports each micro-batch's masking key and mask (`pretrain_loss(on_plan=)`).
+The reference runs MAE's engine (lr set per optimizer step, `loss /
+accum_iter` backward) on exactly those masks and builds its own from the
+reported key (its own switch step, salience, AMR group, SBM order): a sample
+whose kept tokens differ is a mask mismatch, which fails the comparison.
 
 The float32 noise ours is held to: the reference run again in another
 summation order (micro-batches, the samples in each and the tokens of each
 sequence reversed: the same mathematics) and in float64 (the reference's own
 float32 error); ours must stay within `BOUND_FACTOR` x the larger of the two.
 
-  python benchmarks/parity_curves.py --out benchmarks/parity   # long version, ~10 min
+  python benchmarks/parity_curves.py --out benchmarks/parity   # long version, ~8 min
 
 The long version runs on two simulated CPU devices (XLA_FLAGS, unless set), so
 that the 'device' AMR group (half of each micro-batch) differs from 'global'.
@@ -521,7 +517,7 @@ def main(argv=None) -> int:
       failed |= not s["ok"]
       print(json.dumps({"task": name, **s}), flush=True)
   with open(path + ".tmp", "w") as f:
-    json.dump(rows, f, indent=1)
+    json.dump({k: rows[k] for k in LONG if k in rows}, f, indent=1)
   os.replace(path + ".tmp", path)
   return 1 if failed else 0
 

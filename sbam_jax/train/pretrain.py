@@ -61,7 +61,8 @@ def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.M
   `on_plan(step, key, ids_shuffle, len_keep)`: a host function given the
   masking key and the mask each micro-batch used, from inside the compiled
   step, so another implementation can be fed the very same masks (the
-  parity harness). None (the default) traces nothing: no cost."""
+  parity harness). Unordered (ordered effects do not run on several devices):
+  the step number tells calls apart. None (the default) traces nothing."""
 
   def run(params, fixed, imgs, key, step, s, c, sal=None):
     p = pack if s is spec else None
