@@ -372,3 +372,27 @@ class ReferenceLoop:
       total += loss.item()
     self.opt.step()
     return total / len(micro_batches), lr
+
+
+def classify_reference(kind, cfg, weights, num_classes, *, weight_decay, layer_decay, smoothing):
+  """(model, optimizer, loss(micro_batch, reversed)) of main_finetune (AdamW,
+  param_groups_lrd, label smoothing, global pool) or main_linprobe (LARS,
+  BatchNorm head, cls token); `reversed`: samples and patch tokens in reverse
+  order (the same loss, another float32 summation order)."""
+  vit = TorchViT(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                 num_classes, global_pool=kind == "finetune")
+  vit.load_state_dict(weights, strict=True)
+  if kind == "finetune":
+    groups, _ = mae_param_groups_lrd(vit, weight_decay, layer_decay)
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+    model = vit
+  else:
+    model, smoothing = TorchProbe(vit), 0.0
+    opt = TorchLARS(vit.head.parameters(), weight_decay=weight_decay)
+
+  def loss(mb, rev):
+    x, y = (a.flip(0) if rev else a for a in mb)
+    order = torch.arange(cfg.num_patches).flip(0) if rev else None
+    return F.cross_entropy(model(x, order), y, label_smoothing=smoothing)
+
+  return model, opt, loss

@@ -51,23 +51,32 @@ class PretrainConfig(config_lib.TrainConfig):
 
 def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.MaskingSpec,
                   random_steps: int, capacity: int, warmup_capacity: int, image_size: int,
-                  pack: packing.PackSpec | None = None):
+                  pack: packing.PackSpec | None = None, on_plan=None):
   """MAE loss of a batch {'image': uint8} (or host crops + 'size', resized
   here to `image_size`); steps below `random_steps` use `warmup_spec`
   (random masking), the rest `spec` (its encoder tokens packed with `pack`;
   a batch 'salience' from a pre-pass is used instead of computing it).
-  Salience diagnostics are NaN under random masking."""
+  Salience diagnostics are NaN under random masking.
 
-  def run(params, fixed, imgs, key, s, c, sal=None):
+  `on_plan(step, key, ids_shuffle, len_keep)`: a host function given the
+  masking key and the mask each micro-batch used, from inside the compiled
+  step, so another implementation can be fed the very same masks (the
+  parity harness). Unordered (ordered effects do not run on several devices):
+  the step number tells calls apart. None (the default) traces nothing."""
+
+  def run(params, fixed, imgs, key, step, s, c, sal=None):
     p = pack if s is spec else None
     out = nnx.merge(graphdef, params, fixed)(imgs, key, s, capacity=c, pack=p, salience=sal)
+    if on_plan is not None:
+      jax.debug.callback(on_plan, step, key, out.plan.ids_shuffle, out.plan.len_keep,
+                         ordered=False)
     diag = masking.masking_stats(out.plan, out.salience, s.delta)
     return out.loss, {k: diag.get(k, jnp.float32(jnp.nan)) for k in STAT_KEYS}
 
   def loss_fn(params, fixed, stats, batch, key, step):
     imgs = device_ops.normalize(device_ops.pixels(batch, image_size), jnp.float32)
     sal = batch.get("salience")
-    branch = lambda s, c: (lambda _: run(params, fixed, imgs, key, s, c, sal))
+    branch = lambda s, c: (lambda _: run(params, fixed, imgs, key, step, s, c, sal))
     if random_steps <= 0:
       loss, diag = branch(spec, capacity)(None)
     else:
@@ -141,6 +150,7 @@ class PretrainTask(Task):
     self._step_fns: dict = {}
     self._figures = None      # figures.FigureLog, process 0's figure images
     self._figure_step = None  # the last step drawn
+    self.on_plan = None       # see pretrain_loss: set before the step compiles
 
   @property
   def card(self) -> dict:
@@ -200,7 +210,7 @@ class PretrainTask(Task):
                          random_steps=self.random_steps,
                          capacity=self.capacity if capacity is None else capacity,
                          warmup_capacity=self.warm_capacity, image_size=self.image_size,
-                         pack=self.pack)
+                         pack=self.pack, on_plan=self.on_plan)
 
   def train_step(self, state_shardings):
     """One jitted step per encoder capacity in use (one with 'max' or 'packed';
