@@ -194,55 +194,6 @@ def stop_at(workdir, cache, step, overrides, devices):
   return out
 
 
-def test_two_processes_match_one_process(tmp_path, cache):
-  import socket
-  # fsdp=2: parameters split across the two processes (figures must gather them).
-  overrides = ["--config.epochs=2", "--config.warmup_epochs=1", "--config.random_epochs=1",
-               "--config.log_every=1", "--config.checkpoint_every=100",
-               "--config.figure_every=15", "--config.masking.group=global",
-               "--config.mesh.fsdp=2"]
-  code, out = run(tmp_path / "single", cache, *overrides, devices=2)
-  assert code == 0, out
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = [launch(tmp_path / "multi", cache, *overrides,
-                  flags=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                         f"--process_id={i}")) for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
-  assert "2 devices" in outs[0]
-  single = [m["loss"] for m in metrics(tmp_path / "single") if "loss" in m]
-  multi = [m["loss"] for m in metrics(tmp_path / "multi") if "loss" in m]
-  np.testing.assert_allclose(multi, single, rtol=2e-4)
-  knn = lambda w: [(m["step"], m["knn/cls_top1"]) for m in metrics(w) if "knn/cls_top1" in m]
-  assert knn(tmp_path / "multi") == knn(tmp_path / "single") and knn(tmp_path / "single")
-  assert sorted(f for f in os.listdir(tmp_path / "multi" / "figures")
-                if f.startswith("step_")) == ["step_0000015.png", "step_0000030.png"]
-
-
-def test_sigterm_on_one_of_two_processes_saves_on_both(tmp_path, cache):
-  """The pre-emption notice reaches every process (the runtime's preemption
-  service): both save the same step and exit 143; a re-run resumes."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = [launch(tmp_path, cache, *SHORT, "--config.epochs=40",
-                  flags=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                         f"--process_id={i}")) for i in range(2)]
-  lines = []
-  for line in procs[0].stdout:
-    lines.append(line)
-    if line.startswith("step 7/"):
-      procs[1].send_signal(signal.SIGTERM)
-      break
-  outs = ["".join(lines) + procs[0].communicate(timeout=300)[0], procs[1].communicate(timeout=300)[0]]
-  assert [p.returncode for p in procs] == [143, 143], outs
-  saved = [int(o.split("SIGTERM: saving step ")[1].split()[0]) for o in outs]
-  assert saved[0] == saved[1] and str(saved[0]) in os.listdir(tmp_path / "checkpoints")
-
-
 def test_fsdp_splits_parameters_and_moments():
   from jax.sharding import Mesh
   from sbam_jax.models import model_config, MaskedAutoencoder
