@@ -432,9 +432,6 @@ LONG = {
     # 4 steps an epoch: warm-up ends at step 40, the mode's masking from step 60.
     **pretrain_runs(15, images=32, batch=8, accum=2, epochs=50, warmup_epochs=10, blr=5e-3),
     "finetune": Run("finetune", **FINETUNE),
-    # Ours with b2 = 0.999 as float32 holds it (so optax's 1 - b2 and b2 agree):
-    # shows that the fine-tune drift is optax's AdamW bias correction (RESULTS.md).
-    "finetune_b2f32": Run("finetune", **FINETUNE, b2=float(np.float32(0.999))),
     "linprobe": Run("linprobe", images=32, batch=8, epochs=26, warmup_epochs=5, blr=2.0,
                     weight_decay=0.0),
 }
