@@ -18,11 +18,56 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 BUCKET = "bkt"
+# Two gaps of the emulator, filled here before it starts:
+# - its http.server takes one connection at a time with a backlog of 5:
+#   tensorstore's parallel requests beside the input pipeline's reads then
+#   fail at times; each connection gets a thread, and one lock keeps its
+#   in-memory store (which has no locks) at one request at a time;
+# - media downloads carry no `x-goog-generation` header and ignore
+#   `ifGenerationNotMatch` / `ifGenerationMatch`, which tensorstore's
+#   conditional reads of an OCDBT manifest rely on ("Malformed
+#   StorageGeneration"); both are answered as GCS does.
+_SERVE = """
+import http.server, sys, threading
+from http import HTTPStatus
+from gcp_storage_emulator import server
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+http.server.ThreadingHTTPServer.request_queue_size = 256
+http.server.HTTPServer = http.server.ThreadingHTTPServer
+lock, handle = threading.Lock(), server.Router.handle
+def locked(self, *args, **kwargs):
+  with lock:
+    return handle(self, *args, **kwargs)
+server.Router.handle = locked
+plain = objects.download
+def download(request, response, storage, *args, **kwargs):
+  try:
+    gen = str(storage.get_file_obj(request.params["bucket_name"],
+                                   request.params["object_id"])["generation"])
+  except NotFound:
+    return plain(request, response, storage)
+  if request.query.get("ifGenerationNotMatch", [None])[0] == gen:
+    response.status = HTTPStatus.NOT_MODIFIED
+    return
+  want = request.query.get("ifGenerationMatch", [gen])[0]
+  if want != gen:
+    response.status = HTTPStatus.PRECONDITION_FAILED
+    return
+  response["x-goog-generation"] = gen
+  return plain(request, response, storage)
+objects.download = download
+server.HANDLERS = tuple((pattern, {m: download if f is plain else f for m, f in methods.items()})
+                        for pattern, methods in server.HANDLERS)
+from gcp_storage_emulator.__main__ import main
+sys.exit(main())
+"""
 
 
 def free_port() -> int:
@@ -48,14 +93,16 @@ class GcsServer:
     return f"gs://{self.bucket}/{path}".rstrip("/")
 
   def start(self, timeout: float = 30.0) -> "GcsServer":
-    cmd = [sys.executable, "-c", "import sys; from gcp_storage_emulator.__main__ import main; "
-           "sys.exit(main())", "start", "--host=127.0.0.1", f"--port={self.port}",
+    cmd = [sys.executable, "-c", _SERVE, "start", "--host=127.0.0.1", f"--port={self.port}",
            "--in-memory", f"--default-bucket={self.bucket}"]
-    self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its log goes to a file: a pipe nobody reads fills up and stalls the server.
+    self.log = tempfile.TemporaryFile()
+    self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while time.time() < deadline:
       if self.proc.poll() is not None:
-        raise RuntimeError(f"the GCS emulator exited: {self.proc.stderr.read().decode()[-2000:]}")
+        self.log.seek(0)
+        raise RuntimeError(f"the GCS emulator exited: {self.log.read().decode()[-2000:]}")
       try:
         socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
         return self
@@ -72,6 +119,8 @@ class GcsServer:
       except subprocess.TimeoutExpired:
         self.proc.kill()
         self.proc.wait()
+    if self.proc is not None:
+      self.log.close()
     self.proc = None
 
   def __enter__(self) -> "GcsServer":

@@ -182,3 +182,87 @@ def test_folder_source_in_a_bucket_matches_the_local_one(gcs, tmp_path):
   assert [read(tf.constant(str(p))).numpy() for p in b.paths] == [b"2\x00", b"1", b"3", b"4444"]
   with pytest.raises(sources.DataError, match="does not exist"):
     sources.folder_source(gcs.url("nothing"), "train")
+
+
+# ---- the demo end to end, every path in the bucket -------------------------------
+
+SHORT = ["--config.epochs=2", "--config.warmup_epochs=1", "--config.random_epochs=1",
+         "--config.evals.knn.every=0", "--config.log_every=1", "--config.checkpoint_every=5",
+         "--config.figure_every=1000", "--config.data.source=folder"]
+
+
+def launch(args, env, cwd, config="demo.py"):
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+         os.path.join(ROOT, "configs", config), *args]
+  return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc) -> tuple:
+  out = proc.communicate(timeout=600)[0]
+  return proc.returncode, out
+
+
+def losses(text: str) -> list:
+  return [(r["step"], r["loss"]) for r in map(json.loads, text.splitlines()) if "loss" in r]
+
+
+def test_demo_in_a_bucket_resumes_evaluates_and_converts(gcs, tmp_path):
+  from sbam_jax import checkpoints
+  from sbam_jax.data import demo
+  data = demo.write_demo_dataset(str(tmp_path / "demo"))
+  files.upload_tree(data, gcs.url("demo"))
+  cwd, scratch = tmp_path / "cwd", tmp_path / "scratch"
+  cwd.mkdir()
+  scratch.mkdir()
+  env = dict(os.environ, **gcs.env, TMPDIR=str(scratch), JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="3", SBAM_JAX_CACHE=str(cwd / "cache"), PYTHONPATH=ROOT)
+  local = str(tmp_path / "local")
+  code, out = finish(launch(["--workdir", local, *SHORT, f"--config.data.path={data}"], env,
+                            cwd))
+  assert code == 0, out
+  run = gcs.url("run")
+  bucket_args = ["--workdir", run, *SHORT, f"--config.data.path={gcs.url('demo')}"]
+  proc = launch(bucket_args, env, cwd)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step 7/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  code, out = finish(proc)
+  assert code == 128 + signal.SIGTERM, "".join(lines) + out
+  code, out = finish(launch(bucket_args, env, cwd))
+  assert code == 0 and "resuming from gs://bkt/run/checkpoints/" in out, out
+  listed = listing(gcs, run)
+  # The resumed run's log: each step once, the losses of the uninterrupted local run.
+  with open(os.path.join(local, "metrics.jsonl")) as f:
+    assert losses(listed["metrics.jsonl"].decode()) == losses(f.read())
+  assert event_steps(listed) == list(range(1, 31))
+  assert {"sbam_jax.json", "figures/progress.npz", "figures/step_0000030.png",
+          "figures/metrics.png", "checkpoints/30/sbam_integrity.json"} <= set(listed)
+  # Fine-tune from the bucket's workdir, then evaluate it only (MAE's --eval).
+  ft, ev = gcs.url("ft"), gcs.url("ev")
+  cls = [f"--config.data.path={gcs.url('demo')}", "--config.data.source=folder",
+         "--config.epochs=1", "--config.warmup_epochs=0"]
+  code, out = finish(launch(["--workdir", ft, *cls, f"--config.init_from={run}"], env, cwd,
+                            "demo_finetune.py"))
+  assert code == 0, out
+  code, out = finish(launch(["--workdir", ev, *cls, f"--config.init_from={ft}",
+                             "--config.eval_only=True"], env, cwd, "demo_finetune.py"))
+  assert code == 0, out
+  final = lambda url: [json.loads(l) for l in listing(gcs, url)["metrics.jsonl"].decode()
+                       .splitlines() if "eval/top1" in l][-1]
+  assert final(ev)["eval/count"] == 160 and final(ev)["eval/top1"] == final(ft)["eval/top1"]
+  # The converters, from and to the bucket: the round trip keeps the weights.
+  convert = [sys.executable, os.path.join(ROOT, "convert_checkpoints.py")]
+  for args in (["to-torch", run, gcs.url("x.pth")], ["to-jax", gcs.url("x.pth"), gcs.url("back")]):
+    done = subprocess.run(convert + args, env=env, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+  back, card = checkpoints.load_weights(gcs.url("back"))
+  want, _ = checkpoints.load_weights(local)
+  assert card["kind"] == "pretrain" and card["source"] == gcs.url("x.pth")
+  import jax
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  assert os.listdir(cwd) == [] and os.listdir(scratch) == []  # nothing local outside tmp

@@ -135,7 +135,6 @@ class Subset(IndexedSource):
     return self.parent.name_of(int(self.indices[position]))
 
 
-
 @registry.register("source", "folder")
 class FolderSource(IndexedSource):
   """Encoded image files of one split, with integer labels. `skipped`: how
@@ -160,10 +159,7 @@ class FolderSource(IndexedSource):
     tf = import_tf()
     if not files.is_remote(self.root):
       return tf.io.read_file
-    # (an object array: np.bytes_ would drop trailing NUL bytes of the file)
-    fetch = lambda p: np.array(files.read_bytes(p.item().decode("utf-8", "surrogateescape")),
-                               dtype=object)
-    return lambda path: tf.ensure_shape(tf.numpy_function(fetch, [path], tf.string), [])
+    return lambda path: tf.ensure_shape(tf.numpy_function(_fetch, [path], tf.string), [])
 
   def describe(self) -> str:
     """Where, and how many images per class (the start-up header shows it)."""
@@ -182,6 +178,13 @@ class FolderSource(IndexedSource):
 
   def name_of(self, position: int) -> str:
     return shown(str(self.paths[position]))
+
+
+def _fetch(path) -> np.ndarray:
+  """A file's bytes, for tf.numpy_function (`path`: bytes in a tf.data map,
+  a 0-d array when eager); an object array, as np.bytes_ drops trailing NULs."""
+  path = path.item() if isinstance(path, np.ndarray) else path
+  return np.array(files.read_bytes(path.decode("utf-8", "surrogateescape")), dtype=object)
 
 
 def shown(path: str) -> str:
