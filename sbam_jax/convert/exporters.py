@@ -41,7 +41,7 @@ def _write_file(sd: dict, dst: str, overwrite: bool, fmt: str) -> None:
     save_pth({"model": to_torch_state_dict(sd)}, dst, overwrite=overwrite)
 
 
-def _write_folder(files: dict, dst: str, overwrite: bool, fmt: str) -> None:
+def _write_folder(contents: dict, dst: str, overwrite: bool, fmt: str) -> None:
   """{name: state dict or JSON-able dict} as a folder, atomically."""
   dst = files.abspath(dst)
   if files.isfile(dst):
@@ -51,7 +51,7 @@ def _write_folder(files: dict, dst: str, overwrite: bool, fmt: str) -> None:
     raise ConvertError(f"{dst} exists; pass --force to replace it")
 
   def fill(tmp):  # tmp: a local folder (write_folder uploads it for a URL)
-    for name, content in files.items():
+    for name, content in contents.items():
       if name.endswith(".json"):
         with open(os.path.join(tmp, name), "w") as f:
           json.dump(content, f, indent=2, sort_keys=True)
