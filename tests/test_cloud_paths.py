@@ -217,10 +217,8 @@ def test_demo_in_a_bucket_resumes_evaluates_and_converts(gcs, tmp_path):
   scratch.mkdir()
   env = dict(os.environ, **gcs.env, TMPDIR=str(scratch), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3", SBAM_JAX_CACHE=str(cwd / "cache"), PYTHONPATH=ROOT)
-  local = str(tmp_path / "local")
-  code, out = finish(launch(["--workdir", local, *SHORT, f"--config.data.path={data}"], env,
-                            cwd))
-  assert code == 0, out
+  local = str(tmp_path / "local")  # the uninterrupted reference, beside the bucket's first run
+  reference = launch(["--workdir", local, *SHORT, f"--config.data.path={data}"], env, cwd)
   run = gcs.url("run")
   bucket_args = ["--workdir", run, *SHORT, f"--config.data.path={gcs.url('demo')}"]
   proc = launch(bucket_args, env, cwd)
@@ -232,6 +230,8 @@ def test_demo_in_a_bucket_resumes_evaluates_and_converts(gcs, tmp_path):
       break
   code, out = finish(proc)
   assert code == 128 + signal.SIGTERM, "".join(lines) + out
+  code, out = finish(reference)
+  assert code == 0, out
   code, out = finish(launch(bucket_args, env, cwd))
   assert code == 0 and "resuming from gs://bkt/run/checkpoints/" in out, out
   listed = listing(gcs, run)
