@@ -61,13 +61,13 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from sbam_jax import checkpoints  # noqa: E402
+from sbam_jax import checkpoints, files  # noqa: E402
 from sbam_jax.convert import exporters, formats, readers  # noqa: E402
 from sbam_jax.convert.torch_io import ConvertError  # noqa: E402
 
 
 def to_jax(args) -> str:
-  if os.path.isfile(args.dst):
+  if files.isfile(args.dst):
     raise ConvertError(f"{args.dst} is a file; to-jax writes a checkpoint folder: give a "
                        f"folder name")
   source = readers.read_source(args.src, kind=args.kind, num_heads=args.num_heads,
@@ -87,7 +87,7 @@ def to_jax(args) -> str:
 
 
 def to_torch(args) -> str:
-  if os.path.isfile(args.src):
+  if files.isfile(args.src):
     raise ConvertError(f"{args.src} is a file; to-torch reads a sbam_jax checkpoint folder or a "
                        f"training workdir (convert .pth / .safetensors files with to-jax)")
   params, card = checkpoints.load_weights(args.src)

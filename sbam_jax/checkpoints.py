@@ -7,7 +7,10 @@
                        converted PyTorch training checkpoint
 
 Written under a temporary name beside the target and renamed into place, so a
-reader never sees half a checkpoint.
+reader never sees half a checkpoint. At a URL (gs://), where folders cannot
+be renamed, the folder is assembled in a local temporary folder and uploaded
+file by file, the card last: a folder without its card is not a checkpoint
+to any reader here, so a reader never takes half of one.
 
 A training workdir (train.py) holds its own card (`sbam_jax.json`, format
 `sbam_jax.workdir/1`) beside `checkpoints/` (orbax CheckpointManager of the
@@ -38,6 +41,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.files import honour_umask
 
 CARD = "sbam_jax.json"
@@ -48,7 +52,10 @@ WORKDIR_FORMAT = "sbam_jax.workdir/1"
 def write_folder(directory: str, fill) -> None:
   """Create `directory` atomically: `fill(tmp)` writes into a temporary folder
   beside it, which then replaces `directory` (an existing one included) by
-  renames, so a reader never sees half of it."""
+  renames, so a reader never sees half of it. A URL: see the module docstring."""
+  if files.is_remote(directory):
+    _write_remote_folder(directory, fill)
+    return
   directory = os.path.abspath(directory)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
@@ -68,11 +75,22 @@ def write_folder(directory: str, fill) -> None:
       shutil.rmtree(tmp)
 
 
+def _write_remote_folder(directory: str, fill) -> None:
+  """Fill a local scratch folder (local by nature: orbax, torch and
+  safetensors write files there), then upload it, the card last; an earlier
+  folder there is deleted first."""
+  with tempfile.TemporaryDirectory(prefix="sbam_jax-") as scratch:
+    fill(scratch)
+    if files.exists(directory):
+      files.rmtree(directory)
+    files.upload_tree(scratch, directory, last=CARD)
+
+
 def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = False,
                 extra: dict | None = None) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
+  directory = files.abspath(directory)
+  if files.exists(directory) and not overwrite:
     raise FileExistsError(f"{directory} exists; pass --force to replace it")
 
   def fill(tmp):
@@ -80,7 +98,7 @@ def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = Fa
     for name, tree in {"params": params, **(extra or {})}.items():
       ckptr.save(os.path.join(tmp, name), tree)
       ckptr.wait_until_finished()
-    with open(os.path.join(tmp, CARD), "w") as f:
+    with open(os.path.join(tmp, CARD), "w") as f:  # (tmp is local: see write_folder)
       json.dump({"format": FORMAT, **card, "extra": sorted(extra or {})}, f, indent=2,
                 sort_keys=True)
 
@@ -88,30 +106,29 @@ def save_params(directory: str, params: Any, card: dict, *, overwrite: bool = Fa
 
 
 def read_card(directory: str, what: str) -> dict:
-  card_path = os.path.join(directory, CARD)
-  if not os.path.isfile(card_path):
+  card_path = files.join(directory, CARD)
+  if not files.isfile(card_path):
     raise FileNotFoundError(f"{directory} {what} (no {CARD})")
-  with open(card_path) as f:
-    return json.load(f)
+  return json.loads(files.read_text(card_path))
 
 
 def load_params(directory: str) -> tuple[dict, dict]:
   """(nested dict of numpy arrays, card)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
+  directory = files.abspath(directory)
   card = read_card(directory, "is not a sbam_jax parameter checkpoint")
-  card_path = os.path.join(directory, CARD)
+  card_path = files.join(directory, CARD)
   if card.get("format") != FORMAT:
     raise ValueError(f"{card_path}: unknown format {card.get('format')!r}, expected {FORMAT}")
-  tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+  tree = ocp.StandardCheckpointer().restore(files.join(directory, "params"))
   return _to_numpy(tree), card
 
 
 def load_extra(directory: str, name: str) -> dict:
   """A further tree saved beside the parameters (see `save_params(extra=...)`)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.abspath(directory), name)
-  if not os.path.isdir(path):
+  path = files.join(files.abspath(directory), name)
+  if not files.isdir(path):
     raise FileNotFoundError(f"{directory} holds no {name!r} tree")
   return _to_numpy(ocp.StandardCheckpointer().restore(path))
 
@@ -131,16 +148,13 @@ def load_into(model, params: dict) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-  """Write under a temporary name and rename: readers never see half a file."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  """Readers never see half a file (files.write_atomic)."""
+  files.write_atomic(path, text, fsync=False)
 
 
 def write_workdir_card(workdir: str, card: dict) -> None:
   """What a training workdir holds (kind, model config, classes)."""
-  write_text(os.path.join(workdir, CARD),
+  write_text(files.join(workdir, CARD),
              json.dumps({"format": WORKDIR_FORMAT, **card}, indent=2, sort_keys=True))
 
 
@@ -163,14 +177,14 @@ def load_weights(path: str) -> tuple[dict, dict]:
   checkpoint or a training workdir: its newest step that passes the trainer's
   verification (integrity record, readable, finite); damaged newer steps are
   reported on stderr and skipped, never moved (a run may be writing them)."""
-  path = os.path.abspath(path)
+  path = files.abspath(path)
   card = read_card(path, "is neither a sbam_jax checkpoint nor a training workdir (convert "
                          "PyTorch .pth files with convert_checkpoints.py)")
   if card.get("format") != WORKDIR_FORMAT:
     return load_params(path)
   from sbam_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
   from sbam_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(path, "checkpoints")
+  directory = files.join(path, "checkpoints")
   if not checkpointing.list_steps(directory):
     raise FileNotFoundError(f"training workdir {path} has no checkpoint yet")
   step, params, damaged = checkpointing.newest_good(
@@ -188,7 +202,7 @@ def _workdir_weights(directory: str, step: int) -> dict:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top  (orbax's path type)
   from sbam_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
-  item = os.path.join(directory, str(step), "default")
+  item = files.join(directory, str(step), "default")
   meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
   tree = meta.tree if hasattr(meta, "tree") else meta
   wanted = {k: tree[k] for k in ("params", "fixed", "stats") if k in tree}

@@ -6,7 +6,8 @@
         layout (config.json + model.safetensors)
   hf    a folder: config.json + model.safetensors in transformers' on-disk names
 
-Folders are assembled under a temporary name and renamed into place.
+Folders are assembled under a temporary name and renamed into place (at a
+URL: assembled locally and uploaded, see `checkpoints.write_folder`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.checkpoints import write_folder
 from sbam_jax.convert import formats, hf, timm_layout
 from sbam_jax.convert.torch_io import (ConvertError, check_file_target, save_pth,
@@ -39,17 +41,17 @@ def _write_file(sd: dict, dst: str, overwrite: bool, fmt: str) -> None:
     save_pth({"model": to_torch_state_dict(sd)}, dst, overwrite=overwrite)
 
 
-def _write_folder(files: dict, dst: str, overwrite: bool, fmt: str) -> None:
+def _write_folder(contents: dict, dst: str, overwrite: bool, fmt: str) -> None:
   """{name: state dict or JSON-able dict} as a folder, atomically."""
-  dst = os.path.abspath(dst)
-  if os.path.isfile(dst):
+  dst = files.abspath(dst)
+  if files.isfile(dst):
     raise ConvertError(f"{dst} is a file; --format {fmt} writes a folder (config.json + "
                        f"model.safetensors): give a folder name")
-  if os.path.exists(dst) and not overwrite:
+  if files.exists(dst) and not overwrite:
     raise ConvertError(f"{dst} exists; pass --force to replace it")
 
-  def fill(tmp):
-    for name, content in files.items():
+  def fill(tmp):  # tmp: a local folder (write_folder uploads it for a URL)
+    for name, content in contents.items():
       if name.endswith(".json"):
         with open(os.path.join(tmp, name), "w") as f:
           json.dump(content, f, indent=2, sort_keys=True)

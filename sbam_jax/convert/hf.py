@@ -16,11 +16,11 @@ global-pool ViT head: such a classifier is refused, timm's format holds it).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.convert import formats, hf_keys
 from sbam_jax.convert.torch_io import (ConvertError, load_pth, load_safetensors, read_json,
                                        state_dict_of)
@@ -33,20 +33,20 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.
 
 
 def is_hf_folder(path: str) -> bool:
-  cfg = os.path.join(path, "config.json")
-  return os.path.isdir(path) and os.path.isfile(cfg) and "architecture" not in read_json(cfg)
+  cfg = files.join(path, "config.json")
+  return files.isdir(path) and files.isfile(cfg) and "architecture" not in read_json(cfg)
 
 
 def _load_weights(folder: str) -> dict[str, np.ndarray]:
   for name in _WEIGHTS:
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
+    path = files.join(folder, name)
+    if not files.isfile(path):
       continue
     if name.endswith(".index.json"):
       shards = sorted(set(read_json(path).get("weight_map", {}).values()))
       sd = {}
       for shard in shards:
-        sd.update(_load_file(os.path.join(folder, shard)))
+        sd.update(_load_file(files.join(folder, shard)))
       return sd
     return _load_file(path)
   raise ConvertError(f"{folder}: Hugging Face folder without weights: expected one of "
@@ -83,7 +83,7 @@ def read_folder(path: str, global_pool: Optional[str] = None
                 ) -> tuple[dict[str, np.ndarray], formats.Detected, list[str]]:
   """(reference state dict, what it is, notes to print) of a Hugging Face folder;
   a classifier pools the cls token (`global_pool` may only confirm it)."""
-  cfg = read_json(os.path.join(path, "config.json"))
+  cfg = read_json(files.join(path, "config.json"))
   arch = _arch(cfg, path)
   act = cfg.get("hidden_act", "gelu")
   if act != "gelu" or not cfg.get("qkv_bias", True):

@@ -9,11 +9,11 @@ names first, so detection and the parameter mapping are shared.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.convert import formats, hf, timm_layout
 from sbam_jax.convert.optimizer import adamw_moments
 from sbam_jax.checkpoints import CARD as CARD_NAME
@@ -69,18 +69,18 @@ def read_source(path: str, *, kind: Optional[str] = None, num_heads: Optional[in
                 decoder_num_heads: Optional[int] = None,
                 global_pool: Optional[str] = None) -> Source:
   """What is at `path`, in reference key names, with its architecture."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConvertError(f"{path}: no such file or folder")
   kw = dict(kind=kind, num_heads=num_heads, decoder_num_heads=decoder_num_heads,
             global_pool=global_pool)
-  if not os.path.isdir(path):
+  if not files.isdir(path):
     return _read_file(path, timm_layout.folder_hint(path), **kw)
-  if os.path.isfile(os.path.join(path, CARD_NAME)):
+  if files.isfile(files.join(path, CARD_NAME)):
     raise ConvertError(f"{path} is already a sbam_jax checkpoint or workdir: export it with "
                        f"to-torch; {_EXPECTED}")
   if timm_layout.is_timm_folder(path):
     return _read_file(timm_layout.weights_file(path),
-                      timm_layout.read_config(os.path.join(path, "config.json")), **kw)
+                      timm_layout.read_config(files.join(path, "config.json")), **kw)
   if hf.is_hf_folder(path):
     if kind or num_heads or decoder_num_heads:
       raise ConvertError("--kind / --num-heads / --decoder-num-heads do not apply to a Hugging "
@@ -114,7 +114,7 @@ def to_params(source: Source) -> tuple[dict, dict, dict]:
     extra = _adamw_tree(obj["optimizer"], source.state_dict, det, source.path)
   card = {"kind": det.kind, "model": dataclasses.asdict(det.config),
           "num_classes": det.num_classes, "global_pool": det.global_pool,
-          "source": os.path.abspath(source.path), "source_format": source.fmt}
+          "source": files.abspath(source.path), "source_format": source.fmt}
   if isinstance(obj, dict) and "epoch" in obj:
     card["epoch"] = int(obj["epoch"])
   if extra:

@@ -15,11 +15,11 @@ configs have `architectures`) beside `model.safetensors` or
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.convert import formats
 from sbam_jax.convert.torch_io import ConvertError, read_json
 
@@ -28,14 +28,14 @@ _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def is_timm_folder(path: str) -> bool:
-  cfg = os.path.join(path, "config.json")
-  return os.path.isdir(path) and os.path.isfile(cfg) and "architecture" in read_json(cfg)
+  cfg = files.join(path, "config.json")
+  return files.isdir(path) and files.isfile(cfg) and "architecture" in read_json(cfg)
 
 
 def weights_file(folder: str) -> str:
   for name in WEIGHTS:
-    if os.path.isfile(os.path.join(folder, name)):
-      return os.path.join(folder, name)
+    if files.isfile(files.join(folder, name)):
+      return files.join(folder, name)
   raise ConvertError(f"{folder}: timm folder without weights: expected {' or '.join(WEIGHTS)} "
                      f"beside config.json")
 
@@ -59,8 +59,8 @@ def read_config(path: str) -> dict:
 
 def folder_hint(weights_path: str) -> Optional[dict]:
   """`read_config` of a timm config.json beside a weights file, if there is one."""
-  cfg = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "config.json")
-  if os.path.isfile(cfg) and "architecture" in read_json(cfg):
+  cfg = files.join(files.dirname(files.abspath(weights_path)), "config.json")
+  if files.isfile(cfg) and "architecture" in read_json(cfg):
     return read_config(cfg)
   return None
 

@@ -9,6 +9,8 @@ non-tensor object the reference checkpoints hold is `args`, an
 function: the way malicious `.pth` files run code) is refused with a message
 naming it. Writing goes to a temporary file in the target folder, then an
 atomic rename: an interrupted conversion never leaves a half-written file.
+Paths may be URLs (gs://): the loaders read a downloaded copy in a local
+temporary folder, a file to write is made there and uploaded as one object.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import pickle
 import pickletools
 import re
+import io
 import struct
 import tempfile
 import warnings
@@ -27,6 +30,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.files import honour_umask
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
@@ -41,13 +45,13 @@ class ConvertError(ValueError):
 
 def sniff(path: str) -> str:
   """PTH or SAFETENSORS from the file's opening bytes; ConvertError otherwise."""
-  if os.path.isdir(path):
+  if files.isdir(path):
     raise ConvertError(f"{path} is a folder; expected a checkpoint file (.pth or .safetensors)")
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise ConvertError(f"{path}: no such file")
-  with open(path, "rb") as f:
+  with files.open_file(path, "rb") as f:
     head = f.read(16)
-  size = os.path.getsize(path)
+  size = files.stat(path).size
   if not head:
     raise ConvertError(f"{path} is empty: not a checkpoint")
   if head[:4] == b"PK\x03\x04" or (head[0] == 0x80 and 2 <= head[1] <= 5):
@@ -64,12 +68,12 @@ def sniff(path: str) -> str:
 
 
 def _pickle_bytes(path: str) -> bytes:
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as z:
+  data = io.BytesIO(files.read_bytes(path))
+  if zipfile.is_zipfile(data):
+    with zipfile.ZipFile(data) as z:
       names = [n for n in z.namelist() if n.endswith("data.pkl")]
       return z.read(names[0]) if names else b""
-  with open(path, "rb") as f:
-    return f.read()
+  return data.getvalue()
 
 
 def pickle_globals(data: bytes) -> list[str]:
@@ -114,7 +118,8 @@ def load_pth(path: str) -> Any:
   try:
     with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
       warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": the outcome is reported below
-      return torch.load(path, map_location="cpu", weights_only=True)
+      with files.local_copy(path) as local:
+        return torch.load(local, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise _refusal(path, str(e)) from None
   except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
@@ -128,7 +133,8 @@ def load_safetensors(path: str) -> dict:
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
   sniff(path)
   try:
-    return load_file(path)
+    with files.local_copy(path) as local:
+      return load_file(local)
   except (SafetensorError, OSError, ValueError) as e:
     raise ConvertError(f"{path}: not a readable .safetensors file (truncated or corrupt?): "
                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -162,16 +168,22 @@ def state_dict_of(obj: Any, path: str = "checkpoint") -> dict[str, np.ndarray]:
 
 def check_file_target(path: str, what: str) -> None:
   """A file output must not land on a folder."""
-  if os.path.isdir(path):
+  if files.isdir(path):
     raise ConvertError(f"{path} is a folder; {what} writes a file (.pth or .safetensors): "
                        f"give a file name")
 
 
 def _atomic_file(path: str, write: Callable[[str], None], overwrite: bool) -> None:
-  path = os.path.abspath(path)
+  path = files.abspath(path)
   check_file_target(path, "this format")
-  if os.path.exists(path) and not overwrite:
+  if files.exists(path) and not overwrite:
     raise ConvertError(f"{path} exists; pass --force to replace it")
+  if files.is_remote(path):  # written in local scratch space, then one upload
+    with tempfile.TemporaryDirectory(prefix="sbam_jax-") as scratch:
+      local = os.path.join(scratch, files.basename(path))
+      write(local)
+      files.copy_file(local, path)
+    return
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -202,8 +214,7 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, *, overwrite:
 
 def read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(files.read_text(path))
   except (OSError, ValueError) as e:
     raise ConvertError(f"{path}: not readable JSON: {e}") from None
 

@@ -115,7 +115,7 @@ class InputPipeline:
     """Batches of one epoch for this process, starting at step `offset`."""
     elements = self.source.elements(self, epoch, offset)
     read = self.source.reader()
-    threads = self.threads or len(os.sched_getaffinity(0))
+    threads = self.threads or len(os.sched_getaffinity(0))  # (this host's cores)
     ds = elements.enumerate().map(
         lambda i, e: self._decode(*e, index=i, read=read),
         num_parallel_calls=threads, deterministic=True).ignore_errors()

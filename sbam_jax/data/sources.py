@@ -24,7 +24,9 @@ A new source is one class registered under its config name
 Folder layout (what the PyTorch MAE/SBAM scripts read with ImageFolder):
 `{root}/{split}/<class>/<image>`; labels are the sorted class folder names,
 the order torchvision's ImageFolder and tfds' `imagenet2012` label list use
-(both sort the WordNet ids), so labels agree between the two sources.
+(both sort the WordNet ids), so labels agree between the two sources. The
+root may be a URL (gs://): listed and read through `sbam_jax.files`, as
+TensorFlow's own GCS client cannot be pointed at an emulator to test it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Optional
 
 import numpy as np
 
-from sbam_jax import registry
+from sbam_jax import files, registry
 from sbam_jax.errors import ConfigError, DataError
 
 __all__ = ["DataError", "IndexedSource", "FolderSource", "TfdsSource", "SyntheticSource",
@@ -133,7 +135,6 @@ class Subset(IndexedSource):
     return self.parent.name_of(int(self.indices[position]))
 
 
-
 @registry.register("source", "folder")
 class FolderSource(IndexedSource):
   """Encoded image files of one split, with integer labels. `skipped`: how
@@ -155,7 +156,10 @@ class FolderSource(IndexedSource):
 
   def reader(self):
     from sbam_jax.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
-    return import_tf().io.read_file
+    tf = import_tf()
+    if not files.is_remote(self.root):
+      return tf.io.read_file
+    return lambda path: tf.ensure_shape(tf.numpy_function(_fetch, [path], tf.string), [])
 
   def describe(self) -> str:
     """Where, and how many images per class (the start-up header shows it)."""
@@ -174,6 +178,13 @@ class FolderSource(IndexedSource):
 
   def name_of(self, position: int) -> str:
     return shown(str(self.paths[position]))
+
+
+def _fetch(path) -> np.ndarray:
+  """A file's bytes, for tf.numpy_function (`path`: bytes in a tf.data map,
+  a 0-d array when eager); an object array, as np.bytes_ drops trailing NULs."""
+  path = path.item() if isinstance(path, np.ndarray) else path
+  return np.array(files.read_bytes(path.decode("utf-8", "surrogateescape")), dtype=object)
 
 
 def shown(path: str) -> str:
@@ -333,23 +344,29 @@ def folder_source(root: str, split: str) -> FolderSource:
   """Index `{root}/{split}/<class>/**` (image extensions, case-insensitive;
   see FolderWalk). A class folder without images is an error: dropping it
   would shift every later label."""
-  if not root or not os.path.isdir(root):
+  if not root or not files.isdir(root):
     raise DataError(f"data path {root!r} does not exist or is not a folder; point "
                     f"config.data.path at a folder holding {split}/<class>/<images>")
-  split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
+  split_dir = files.join(root, split)
+  if not files.isdir(split_dir):
     raise DataError(f"{split_dir!r} does not exist; the MAE folder layout needs "
                     f"{root}/{split}/<class>/<images>")
   try:
-    classes = tuple(sorted(d for d in os.listdir(split_dir)
-                           if os.path.isdir(os.path.join(split_dir, d))))
+    classes = tuple(sorted(d for d in files.listdir(split_dir)
+                           if files.isdir(files.join(split_dir, d))))
   except OSError as e:
     raise DataError(f"cannot list {shown(split_dir)}: {e.strerror or e}") from None
   if not classes:
     raise DataError(f"{split_dir!r} has no class folders; expected {split_dir}/<class>/<images>")
-  walk = FolderWalk(split_dir, classes)
-  paths, labels = walk.run()
-  skipped, report = walk.report()
+  if files.is_remote(split_dir):  # an object store has no links, devices or permission bits
+    found = [[p for p in files.find(files.join(split_dir, c)) if _has_image_ext(p)]
+             for c in classes]
+    paths, labels = sum(found, []), [i for i, f in enumerate(found) for _ in f]
+    skipped, report = 0, ""
+  else:
+    walk = FolderWalk(split_dir, classes)
+    paths, labels = walk.run()
+    skipped, report = walk.report()
   counts = np.bincount(np.asarray(labels, np.int64), minlength=len(classes))
   empty = [shown(classes[i]) for i in np.flatnonzero(counts == 0)]
   if empty:

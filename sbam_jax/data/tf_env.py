@@ -23,6 +23,7 @@ def _quiet_import():
   if "tensorflow" in sys.modules:
     return sys.modules["tensorflow"]
   sys.stderr.flush()
+  # (file descriptors of this process: local by nature, never a data path)
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   try:
     os.dup2(devnull, 2)

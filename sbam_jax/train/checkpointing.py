@@ -26,11 +26,15 @@ thread) raises SaveError at that save, or at the next save / wait /
 close for the background part: the run stops naming the folder, the bytes the
 last good step took, and that step; a half-written step stays a temporary
 folder (removed) and is never taken for a step.
+
+A checkpoint folder URL (gs://): orbax writes each step straight into
+`<step>/` (no temporary folder; its `commit_success.txt` marks the end) and
+the record goes into that folder before the marker; moving a damaged step
+aside is a copy and a deletion (sbam_jax.files.move).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -41,6 +45,7 @@ import sys
 
 import jax
 
+from sbam_jax import files
 from sbam_jax.errors import CheckpointError, SaveError
 
 RECORD = "sbam_integrity.json"
@@ -58,47 +63,42 @@ _UNRECORDED = (RECORD, "_CHECKPOINT_METADATA", "commit_success.txt")
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with files.open_file(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       h.update(chunk)
   return h.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
-  out = []
-  for root, _, names in os.walk(folder):
-    out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+  out, prefix = [], len(folder.rstrip("/")) + 1
+  for root, _, names in files.walk(folder):
+    out += [files.join(root, n)[prefix:] for n in names]
   return sorted(p for p in out if p not in _UNRECORDED and not p.endswith(".tmp"))
 
 
 def _write_json(path: str, obj) -> None:
-  """Temporary name, fsync, rename: a reader sees all of it or none."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  """A reader sees all of it or none (files.write_atomic)."""
+  files.write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def write_record(folder: str, step: int, *, adopted: bool = False) -> dict:
   """Size and sha256 of every file under a step folder, stored in it
   (`adopted`: of a step written before records, not as it was written)."""
-  files = {rel: {"size": os.path.getsize(os.path.join(folder, rel)),
-                 "sha256": _sha256(os.path.join(folder, rel))} for rel in _files(folder)}
-  record = {"format": RECORD_FORMAT, "step": int(step), "files": files,
-            "bytes": sum(f["size"] for f in files.values()), "adopted": adopted}
-  _write_json(os.path.join(folder, RECORD), record)
+  listed = {rel: {"size": files.stat(files.join(folder, rel)).size,
+                  "sha256": _sha256(files.join(folder, rel))} for rel in _files(folder)}
+  record = {"format": RECORD_FORMAT, "step": int(step), "files": listed,
+            "bytes": sum(f["size"] for f in listed.values()), "adopted": adopted}
+  _write_json(files.join(folder, RECORD), record)
   return record
 
 
 def read_record(folder: str):
   """The step's record, None if it has none; ValueError if unreadable."""
-  path = os.path.join(folder, RECORD)
-  if not os.path.exists(path):
+  path = files.join(folder, RECORD)
+  if not files.exists(path):
     return None
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = json.loads(files.read_text(path))
     assert record["format"] == RECORD_FORMAT and isinstance(record["files"], dict)
     return record
   except (OSError, ValueError, KeyError, AssertionError) as e:
@@ -108,9 +108,12 @@ def read_record(folder: str):
 def check_files(folder: str, record: dict, *, hashes: bool = True):
   """Why the files differ from the record (first difference), or None."""
   for rel, want in sorted(record["files"].items()):
-    path = os.path.join(folder, rel)
+    path = files.join(folder, rel)
     try:
-      size = os.path.getsize(path)
+      st = files.stat(path)
+      if st is None:
+        raise FileNotFoundError(path)
+      size = st.size
       if size != want["size"]:
         return f"{rel} has {size} bytes, {want['size']} were written"
       if hashes and _sha256(path) != want["sha256"]:
@@ -123,22 +126,22 @@ def check_files(folder: str, record: dict, *, hashes: bool = True):
 
 
 def list_steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     return []
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+  return sorted(int(d) for d in files.listdir(directory)
+                if d.isdigit() and files.isdir(files.join(directory, d)))
 
 
 def has_records(directory: str) -> bool:
   """Whether this folder's steps are written with records (any step has one)."""
-  return any(os.path.exists(os.path.join(directory, str(s), RECORD)) for s in list_steps(directory))
+  return any(files.exists(files.join(directory, str(s), RECORD)) for s in list_steps(directory))
 
 
 def verify_step(directory: str, step: int, recorded: bool = True) -> tuple:
   """(reason it is damaged or None, whether a record of its save vouches for
   its files). `recorded`: the folder's steps have records (else reading the
   step must tell)."""
-  folder = os.path.join(directory, str(step))
+  folder = files.join(directory, str(step))
   try:
     record = read_record(folder)
   except ValueError as e:
@@ -165,13 +168,13 @@ def one_line(error: BaseException, limit: int = 240) -> str:
 def move_aside(directory: str, step: int) -> str:
   """checkpoints/<step> -> checkpoints/damaged/<step>.<n>: out of orbax's
   sight, kept for inspection."""
-  damaged = os.path.join(directory, DAMAGED)
-  os.makedirs(damaged, exist_ok=True)
+  damaged = files.join(directory, DAMAGED)
+  files.makedirs(damaged)
   n = 1
-  while os.path.exists(os.path.join(damaged, f"{step}.{n}")):
+  while files.exists(files.join(damaged, f"{step}.{n}")):
     n += 1
-  target = os.path.join(damaged, f"{step}.{n}")
-  os.replace(os.path.join(directory, str(step)), target)
+  target = files.join(damaged, f"{step}.{n}")
+  files.move(files.join(directory, str(step)), target)
   return target
 
 
@@ -217,9 +220,9 @@ def report_damaged(directory: str, damaged: list, *, move: bool) -> None:
 
 
 def no_good_message(directory: str, found: list, *, moved: bool) -> str:
-  damaged = os.path.join(directory, DAMAGED)
+  damaged = files.join(directory, DAMAGED)
   if not found:
-    held = sorted(os.listdir(damaged)) if os.path.isdir(damaged) else []
+    held = sorted(files.listdir(damaged)) if files.isdir(damaged) else []
     return (f"{directory} holds no checkpoint, only the damaged steps {held} in {damaged}: "
             f"resuming would start over; to do so, move {damaged} away")
   aside = (f"; they were moved to {damaged} (move one back to retry it; to start over, move "
@@ -259,7 +262,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
-    self.directory = os.path.abspath(directory)
+    self.directory = files.abspath(directory)
     self.keep, self._async = max(1, int(keep)), async_save
     self._pending, self._failed = None, False
     self._filter = _OrbaxErrors()
@@ -273,7 +276,7 @@ class Checkpointer:
       self.manager = ocp.CheckpointManager(self.directory, options=options)
       if jax.process_index() == 0 and not has_records(self.directory):
         for step in list_steps(self.directory):  # saved by a version without records
-          write_record(os.path.join(self.directory, str(step)), step, adopted=True)
+          write_record(files.join(self.directory, str(step)), step, adopted=True)
       _sync("sbam_jax checkpoint records adopted")
     except OSError as e:
       raise SaveError(f"cannot write checkpoints to {self.directory}: "
@@ -286,8 +289,13 @@ class Checkpointer:
     """Orbax's hook, on process 0, after all processes wrote the step and
     before the rename that commits it: the record goes in with the step."""
     step = self._pending
-    staged = glob.glob(os.path.join(self.directory, f"{step}{_TMP}*"))
-    write_record(staged[0] if staged else os.path.join(self.directory, str(step)), step)
+    staged = self._staged(step)  # (none in a bucket: orbax writes <step>/ directly)
+    write_record(staged[0] if staged else files.join(self.directory, str(step)), step)
+
+  def _staged(self, step: int) -> list:
+    """Orbax's temporary folders of `step`."""
+    names = files.listdir(self.directory) if files.isdir(self.directory) else []
+    return [files.join(self.directory, n) for n in names if n.startswith(f"{step}{_TMP}")]
 
   def save(self, step: int, state, *, force: bool = False) -> None:
     """Save `state` as `step` (a step already saved is left as it is)."""
@@ -316,8 +324,8 @@ class Checkpointer:
       self._fail(step, e)
     finally:
       self._pending = None
-    folder = os.path.join(self.directory, str(step))
-    if not os.path.isdir(folder) or read_record(folder) is None:
+    folder = files.join(self.directory, str(step))
+    if not files.isdir(folder) or read_record(folder) is None:
       self._fail(step, None)  # orbax logs some finalisation errors instead of raising
     self._prune()
 
@@ -333,7 +341,7 @@ class Checkpointer:
         self.manager.delete(s)
 
   def _complete(self, step: int) -> bool:
-    folder = os.path.join(self.directory, str(step))
+    folder = files.join(self.directory, str(step))
     try:
       record = read_record(folder)
     except ValueError:
@@ -344,19 +352,20 @@ class Checkpointer:
     """(step, bytes) of the newest complete step, (None, None) if none."""
     for s in reversed(list_steps(self.directory)):
       if self._complete(s):
-        return s, read_record(os.path.join(self.directory, str(s)))["bytes"]
+        return s, read_record(files.join(self.directory, str(s)))["bytes"]
     return None, None
 
   def _fail(self, step: int, error) -> None:
     """The save of `step` failed: remove its temporary folder, stop the run."""
     self._failed = True
     if jax.process_index() == 0:
-      for tmp in glob.glob(os.path.join(self.directory, f"{step}{_TMP}*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+      for tmp in self._staged(step):
+        files.rmtree(tmp, ignore_errors=True)
     last, size = self.last_good()
     reason = one_line(error) if error is not None else "the step was not committed"
-    try:
-      free = f", {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
+    try:  # (a bucket has no free space to tell)
+      free = ("" if files.is_remote(self.directory) else
+              f", {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free")
     except OSError:
       free = ""
     need = (f"; it needs about {size / 2**20:.1f} MiB (the size of step {last}){free}"
@@ -377,8 +386,8 @@ class Checkpointer:
     """(state, step) of the newest step that verifies, damaged newer ones
     moved aside; None for a fresh run (no step, nothing moved aside before)."""
     if not list_steps(self.directory):
-      damaged = os.path.join(self.directory, DAMAGED)
-      if os.path.isdir(damaged) and os.listdir(damaged):
+      damaged = files.join(self.directory, DAMAGED)
+      if files.isdir(damaged) and files.listdir(damaged):
         raise CheckpointError(no_good_message(self.directory, [], moved=True))
       return None
     step, state, damaged = newest_good(self.directory, lambda s: self._read(s, abstract_state))

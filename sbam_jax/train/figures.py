@@ -14,20 +14,22 @@ predictions back into pixels with the mean and variance averaged over the
 image's *visible* patches (what the model could know), per image and channel.
 
 Pixels are laid out here with numpy (overlays are exact and testable);
-matplotlib only places tiles and draws text. Files are written under a
-temporary name and renamed, with the permissions the umask gives.
+matplotlib only places tiles and draws text. Files are written atomically
+through `sbam_jax.files` (locally a temporary name and a rename, with the
+permissions the umask gives; in a bucket one upload).
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sbam_jax import files
 
 from sbam_jax import masking
 from sbam_jax.data import device as device_ops
@@ -246,19 +248,8 @@ def _spread(count: int, most: int) -> list[int]:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-  """Write under a temporary name in the same folder, then rename; the file
-  gets the permissions the umask leaves of 0666 (as open() would)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Readers see the whole file or none (see `sbam_jax.files.write_atomic`)."""
+  files.write_atomic(path, data, fsync=False)
 
 
 def save_png(image: np.ndarray, path: str) -> None:
@@ -276,9 +267,9 @@ class FigureLog:
     self.folder, self.count = folder, count
     self.images = None
     self.steps, self.pasted, self.hidden = [], [], []
-    path = os.path.join(folder, "progress.npz")
-    if os.path.exists(path):
-      with np.load(path) as z:
+    path = files.join(folder, "progress.npz")
+    if files.exists(path):
+      with np.load(io.BytesIO(files.read_bytes(path))) as z:
         self.images = z["images"]
         self.steps = [int(x) for x in z["steps"]]
         self.pasted, self.hidden = list(z["pasted"]), list(z["hidden"])
@@ -308,7 +299,7 @@ class FigureLog:
     buf = io.BytesIO()
     np.savez(buf, images=self.images, steps=np.asarray(self.steps, np.int64),
              pasted=np.stack(self.pasted), hidden=np.stack(self.hidden))
-    write_atomic(os.path.join(self.folder, "progress.npz"), buf.getvalue())
+    write_atomic(files.join(self.folder, "progress.npz"), buf.getvalue())
 
   def progress(self) -> np.ndarray:
     return draw_progress(self.images, self.steps, np.stack(self.pasted), np.stack(self.hidden),

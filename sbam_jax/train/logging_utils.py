@@ -6,42 +6,66 @@ start removes; a write that fails (full disk) is undone and stops the run.
 On resume, records past the restored step are dropped from both, so a step
 is never logged twice. TensorBoard goes through `tf.summary` (TensorFlow is
 on the host for the input pipeline anyway), imported lazily.
+
+A workdir URL (gs://): an object cannot be appended to, so a record rewrites
+metrics.jsonl whole (one upload: readers see the old or the new object).
+TensorBoard events are written by `tf.summary` into a local temporary
+folder and uploaded whole (each file one object) at most every
+`UPLOAD_S` seconds and at the end, through `sbam_jax.files`: TensorFlow's
+own GCS client would also work in production, but it cannot be pointed at
+an emulator, and one client for all outputs is simpler to reason about.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.errors import WriteError
+
+UPLOAD_S = 60.0   # a remote workdir's TensorBoard files are uploaded this often
 
 
 class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.jsonl = os.path.join(workdir, "metrics.jsonl")
-    self.tb_dir = os.path.join(workdir, "tensorboard")
-    self._tb = None
+    self.jsonl = files.join(workdir, "metrics.jsonl")
+    self.tb_dir = files.join(workdir, "tensorboard")
+    self.remote = files.is_remote(workdir)
+    self._tb, self._local_tb, self._uploaded = None, None, 0.0
 
   def _writer(self):
     if self._tb is None:
       from sbam_jax.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
       self._tf = import_tf()
-      self._tb = self._tf.summary.create_file_writer(self.tb_dir)
+      folder = self.tb_dir
+      if self.remote:  # staged locally, uploaded by _upload_events
+        folder = self._local_tb = tempfile.mkdtemp(prefix="sbam_jax-tensorboard-")
+      self._tb = self._tf.summary.create_file_writer(folder)
     return self._tb
+
+  def _upload_events(self, force: bool = False) -> None:
+    """Copy the staged event files of a remote workdir up (each whole)."""
+    if self._local_tb is None or (not force and time.time() - self._uploaded < UPLOAD_S):
+      return
+    self._tb.flush()
+    for name in sorted(os.listdir(self._local_tb)):
+      files.copy_file(os.path.join(self._local_tb, name), files.join(self.tb_dir, name))
+    self._uploaded = time.time()
 
   # ---- metrics.jsonl ------------------------------------------------------------
 
   def _read(self) -> bytes:
-    if not os.path.exists(self.jsonl):
+    if not files.exists(self.jsonl):
       return b""
-    with open(self.jsonl, "rb") as f:
-      return f.read()
+    return files.read_bytes(self.jsonl)
 
   def records(self, whole: bytes | None = None) -> list:
     """The whole records in metrics.jsonl (a cut-off last line is not one)."""
@@ -54,15 +78,17 @@ class MetricWriter:
     return out
 
   def _rewrite(self, records: list) -> None:
-    tmp = self.jsonl + ".tmp"
-    with open(tmp, "w") as f:
-      f.write("".join(json.dumps(r) + "\n" for r in records))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.jsonl)
+    files.write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
 
   def _append(self, record: dict) -> None:
     data = (json.dumps(record) + "\n").encode()
+    if self.remote:  # no append on an object store: the whole log, one upload
+      try:
+        files.write_atomic(self.jsonl, self._read() + data)
+      except OSError as e:
+        raise WriteError(f"cannot write {self.jsonl} ({e}); the run stops here: fix the "
+                         f"bucket's permissions or quota, then resume") from e
+      return
     fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     size = os.fstat(fd).st_size
     try:
@@ -106,6 +132,7 @@ class MetricWriter:
     with self._writer().as_default():
       for k, v in clean.items():
         self._tf.summary.scalar(k, v, step=int(step))
+    self._upload_events()
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     if not self.enabled:
@@ -116,28 +143,48 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+      self._upload_events(force=True)
+
+  def close(self) -> None:
+    """Flush, and remove a remote workdir's local staging folder."""
+    self.flush()
+    if self._local_tb is not None:
+      self._tb.close()
+      shutil.rmtree(self._local_tb, ignore_errors=True)
+      self._tb = self._local_tb = None
 
 
 def trim_events(tb_dir: str, step: int) -> None:
   """Rewrite TensorBoard event files without events past `step`, so a resumed
   run draws one line per step (TensorBoard would show both copies)."""
-  files = sorted(glob.glob(os.path.join(glob.escape(tb_dir), "*tfevents*")))
-  if not files:
+  names = sorted(n for n in (files.listdir(tb_dir) if files.isdir(tb_dir) else [])
+                 if "tfevents" in n)
+  if not names:
     return
   from sbam_jax.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
   tf = import_tf()
-  for path in files:
+  for path in (files.join(tb_dir, n) for n in names):
     if path.endswith(".tmp"):
-      os.remove(path)  # a rewrite that did not finish; its original is still there
+      files.remove(path)  # a rewrite that did not finish; its original is still there
       continue
-    raw = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    with files.local_copy(path) as local:  # TFRecord readers open local files
+      raw = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(local)]
     keep = [r for r in raw if tf.compat.v1.Event.FromString(r).step <= step]
     if len(keep) == len(raw):
       continue
-    with tf.io.TFRecordWriter(path + ".tmp") as w:
-      for r in keep:
-        w.write(r)
-    os.replace(path + ".tmp", path)
+    if not files.is_remote(path):
+      _write_records(tf, path + ".tmp", keep)
+      os.replace(path + ".tmp", path)
+      continue
+    with tempfile.TemporaryDirectory(prefix="sbam_jax-") as scratch:
+      _write_records(tf, os.path.join(scratch, "events"), keep)
+      files.copy_file(os.path.join(scratch, "events"), path)  # one upload replaces it
+
+
+def _write_records(tf, path: str, records: list) -> None:
+  with tf.io.TFRecordWriter(path) as w:
+    for r in records:
+      w.write(r)
 
 
 def progress_line(step, total, epoch, metrics, lr, img_per_s, mfu, eta_s) -> str:

@@ -18,7 +18,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sbam_jax import checkpoints as param_ckpt
-from sbam_jax import registry, sharding
+from sbam_jax import files, registry, sharding
 from sbam_jax.errors import ConfigError, DataError
 from sbam_jax.train import checkpointing, report as report_lib, signals
 from sbam_jax.train import workdir as workdir_lib
@@ -54,7 +54,7 @@ def dry(task, workdir: str, started: float) -> int:
   per-device memory; reads the data's index, writes nothing."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   abstract, state_sh = _abstract_state(task)
-  steps = checkpointing.list_steps(os.path.join(workdir, "checkpoints"))
+  steps = checkpointing.list_steps(files.join(workdir, "checkpoints"))
   lines = [f"config.{k} = {v!r}" for k, v in _flat(dataclasses.asdict(task.config))]
   lines += report_lib.header_lines(task, abstract.params, workdir, max(steps, default=0))
   t0 = time.time()
@@ -85,9 +85,11 @@ def _flat(tree: dict, prefix: str = ""):
 
 def _make_workdir(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
   except OSError as e:
     raise ConfigError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+  if files.is_remote(workdir):
+    return  # (a bucket's permissions show at the first write)
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise ConfigError(f"workdir {workdir} is not writable: choose another --workdir")
 
@@ -119,7 +121,7 @@ def fit(task, workdir: str, *, lock=None, started=None, run_state=None) -> int:
   lock = lock or workdir_lib.Lock(workdir)
   run_state = {} if run_state is None else run_state
   evaluators = task.evaluators()  # their config errors come before anything is written
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(files.join(workdir, "checkpoints"),
                                     keep=task.config.keep_checkpoints)
   status, report = 0, None
   try:
@@ -128,7 +130,7 @@ def fit(task, workdir: str, *, lock=None, started=None, run_state=None) -> int:
     state, state_sh = _restore_or_init(task, ckpt)
     report = report_lib.Reporter(task, workdir, started)
     if task.process == 0:
-      if not (task.eval_only and os.path.exists(os.path.join(workdir, param_ckpt.CARD))):
+      if not (task.eval_only and files.exists(files.join(workdir, param_ckpt.CARD))):
         param_ckpt.write_workdir_card(workdir, card)  # (evaluating a workdir keeps its card)
       for line in report_lib.header_lines(task, state.params, workdir, int(state.step)):
         report.say(line)
@@ -143,7 +145,7 @@ def fit(task, workdir: str, *, lock=None, started=None, run_state=None) -> int:
   finally:
     ckpt.close()
     if report is not None:
-      report.writer.flush()
+      report.writer.close()
   task.close()
   return status
 

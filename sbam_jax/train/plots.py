@@ -10,10 +10,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.train import figures
 
 RATIO = ("mask_ratio_mean", "mask_ratio_min", "mask_ratio_max")
@@ -22,17 +22,16 @@ RATIO = ("mask_ratio_mean", "mask_ratio_min", "mask_ratio_max")
 def read_metrics(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """metrics.jsonl -> {key: (steps, values)}, steps ascending, one value a step."""
   series: dict[str, dict[int, float]] = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      row = json.loads(line)
-      step = int(row.pop("step"))
-      row.pop("time", None)
-      for k, v in row.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          series.setdefault(k, {})[step] = float(v)
+  for line in files.read_text(path).splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    row = json.loads(line)
+    step = int(row.pop("step"))
+    row.pop("time", None)
+    for k, v in row.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        series.setdefault(k, {})[step] = float(v)
   return {k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for k, d in series.items()}
 
 
@@ -97,15 +96,15 @@ def _panel(ax, series: dict, keys: list[str]) -> None:
 def write_metrics_plot(workdir: str, path: str | None = None) -> str | None:
   """Draw `workdir/metrics.jsonl` into `path` (default workdir/figures/metrics.png);
   returns the path, or None when there is nothing to plot."""
-  src = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(src):
+  src = files.join(workdir, "metrics.jsonl")
+  if not files.exists(src):
     return None
   series = read_metrics(src)
   if not panels(series):
     return None
-  path = path or os.path.join(workdir, "figures", "metrics.png")
+  path = path or files.join(workdir, "figures", "metrics.png")
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
-  Image.fromarray(draw(series, title=os.path.basename(os.path.abspath(workdir)))).save(buf, "PNG")
+  Image.fromarray(draw(series, title=files.basename(files.abspath(workdir)))).save(buf, "PNG")
   figures.write_atomic(path, buf.getvalue())
   return path

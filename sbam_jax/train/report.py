@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 
 import jax
 import numpy as np
 
+from sbam_jax import files
 from sbam_jax.train import logging_utils
 
 # bf16 dense matmul peaks, for the MFU estimate (None elsewhere, e.g. CPU).
@@ -55,7 +55,7 @@ def header_lines(task, params, workdir: str, start: int) -> list:
       f"x {jax.device_count()} devices x {cfg.accum_steps} accumulation",
       f"mesh     {dict(task.mesh.shape)} on {len(devices)} {devices[0].platform} devices "
       f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})",
-      f"workdir  {os.path.abspath(workdir)}; {resume}",
+      f"workdir  {files.abspath(workdir)}; {resume}",
   ]
 
 
@@ -165,32 +165,25 @@ class Reporter:
 def written(workdir: str, since: float) -> list:
   """The workdir's entries this run created or changed, one line each."""
   out = []
-  if not os.path.isdir(workdir):
+  if not files.isdir(workdir):
     return out
-  for name in sorted(os.listdir(workdir)):
+  for name in sorted(files.listdir(workdir)):
     if name.startswith("."):
       continue
-    path = os.path.join(workdir, name)
-    files = ([path] if os.path.isfile(path) else
-             [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs])
-    stats = [st for st in map(_stat, files) if st is not None and st.st_mtime >= since - 1]
+    path = files.join(workdir, name)
+    single = files.isfile(path)
+    paths = ([path] if single else
+             [files.join(d, f) for d, _, fs in files.walk(path) for f in fs])
+    # (a file gone meanwhile, e.g. another process's temporary file, has no stat)
+    stats = [st for st in map(files.stat, paths) if st is not None and st.mtime >= since - 1]
     if not stats:
       continue
-    size = sum(st.st_size for st in stats)
-    if os.path.isfile(path):
+    size = sum(st.size for st in stats)
+    if single:
       out.append(f"{path} ({size / 1e6:.2f} MB)")
     elif name == "checkpoints":
-      steps = sorted(int(s) for s in os.listdir(path) if s.isdigit())
+      steps = sorted(int(s) for s in files.listdir(path) if s.isdigit())
       out.append(f"{path}/ steps {steps} ({size / 1e6:.1f} MB written)")
     else:
       out.append(f"{path}/ ({len(stats)} files, {size / 1e6:.2f} MB)")
   return out
-
-
-def _stat(path: str):
-  """os.stat, or None for a file that went away meanwhile (another
-  process's temporary file)."""
-  try:
-    return os.stat(path)
-  except OSError:
-    return None

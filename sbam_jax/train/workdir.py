@@ -4,7 +4,12 @@
   other's temporary checkpoint folders and interleave their logs, so the
   second stops with "in use by pid N on host H". A lock whose process is gone
   (same host) or whose heartbeat is older than `STALE_S` (another host) is
-  taken over, with a line saying so.
+  taken over, with a line saying so. In a workdir URL (gs://) there is no
+  process to ask across hosts: the lock is an object created only if absent
+  (GCS precondition `ifGenerationMatch=0`) and read back to check the owner;
+  the heartbeat rewrites it at most every `REMOTE_BEAT_S`; only its age
+  (`STALE_S`) tells a dead run, so a killed run's lock holds the workdir for
+  up to STALE_S (delete the object to resume sooner).
 - `check_resume`: the workdir card records what the saved state means (task,
   model architecture, global batch, steps per epoch, classes). Resuming with
   a config that changes any of these is refused before anything is written,
@@ -17,14 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 
+from sbam_jax import files
 from sbam_jax.errors import ConfigError
 
 LOCK = ".sbam_jax.lock"
 STALE_S = 600.0          # a lock not touched for this long belongs to a dead run
+REMOTE_BEAT_S = 60.0     # a lock object is rewritten at most this often
 # ModelConfig fields that change how the model runs, never what its parameters mean.
 EXECUTION_FIELDS = frozenset({"dtype", "scan_layers", "attention", "remat"})
 RUN_FIELDS = ("task", "batch_size", "steps_per_epoch")
@@ -44,34 +50,41 @@ class Lock:
   """Held by process 0 of a run from start-up to exit."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK)
+    self.path = files.join(workdir, LOCK)
+    self.remote = files.is_remote(workdir)
     self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    self.held = False
+    self.held, self._beat = False, 0.0
 
   def acquire(self) -> None:
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-      except FileExistsError:
+      if not files.create_exclusive(self.path, json.dumps(self.me)):
         self._take_over_if_stale()
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(self.me, f)
-      self.held = True
+      if self.remote and self._owner() != self.me:
+        continue  # another run's creation won the race (a store without preconditions)
+      self.held, self._beat = True, time.time()
       return
     raise ConfigError(f"cannot lock {self.path}: another run keeps taking it")
 
+  def _owner(self):
+    try:
+      return json.loads(files.read_text(self.path))
+    except (OSError, ValueError):
+      return None
+
   def _take_over_if_stale(self) -> None:
     try:
-      with open(self.path) as f:
-        other = json.load(f)
-      age = time.time() - os.stat(self.path).st_mtime
+      other = json.loads(files.read_text(self.path))
+      st = files.stat(self.path)
+      if st is None:
+        return  # released meanwhile: try again
+      age = time.time() - st.mtime
     except FileNotFoundError:
       return  # released meanwhile: try again
     except (OSError, ValueError):
       other, age = {}, STALE_S + 1  # unreadable: a crash while writing it
     pid, host = other.get("pid"), other.get("host")
-    same_host = host == self.me["host"]
+    same_host = host == self.me["host"] and not self.remote  # (no pid across a bucket's users)
     if (same_host and isinstance(pid, int) and _alive(pid)) or (not same_host and age < STALE_S):
       since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("started", 0)))
       raise ConfigError(
@@ -81,26 +94,30 @@ class Lock:
     why = "is not running" if same_host else f"has not been seen for {age:.0f} s"
     print(f"note: taking over the lock of pid {pid} on host {host}, which {why}", flush=True)
     try:
-      os.remove(self.path)
+      files.remove(self.path)
     except FileNotFoundError:
       pass
 
   def heartbeat(self) -> None:
-    if self.held:
-      try:
+    if not self.held:
+      return
+    try:
+      if not self.remote:
         os.utime(self.path)
-      except OSError:
-        pass  # a lock file we cannot touch does not stop training
+      elif time.time() - self._beat >= REMOTE_BEAT_S:
+        files.write_atomic(self.path, json.dumps(self.me))  # a new object: a new mtime
+        self._beat = time.time()
+    except OSError:
+      pass  # a lock we cannot touch does not stop training
 
   def release(self) -> None:
     if not self.held:
       return
     self.held = False
     try:
-      with open(self.path) as f:
-        if json.load(f).get("pid") != self.me["pid"]:
-          return
-      os.remove(self.path)
+      if json.loads(files.read_text(self.path)).get("pid") != self.me["pid"]:
+        return
+      files.remove(self.path)
     except (OSError, ValueError):
       pass
 
@@ -156,23 +173,23 @@ class Undo:
   start-up added (and the workdir itself if start-up created it)."""
 
   def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(workdir)
-    self.existed = os.path.isdir(self.workdir)
-    self.before = set(os.listdir(self.workdir)) if self.existed else set()
+    self.workdir = files.abspath(workdir)
+    self.existed = files.isdir(self.workdir)
+    self.before = set(files.listdir(self.workdir)) if self.existed else set()
 
   def __call__(self) -> None:
-    if not os.path.isdir(self.workdir):
+    if not files.isdir(self.workdir):
       return
-    for name in set(os.listdir(self.workdir)) - self.before:
-      path = os.path.join(self.workdir, name)
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+    for name in set(files.listdir(self.workdir)) - self.before:
+      path = files.join(self.workdir, name)
+      if files.isdir(path) and not os.path.islink(path):
+        files.rmtree(path, ignore_errors=True)
       else:
         try:
-          os.remove(path)
+          files.remove(path)
         except OSError:
           pass
-    if not self.existed:
+    if not self.existed and not files.is_remote(self.workdir):  # (a bucket has no empty folders)
       try:
         os.rmdir(self.workdir)
       except OSError:
