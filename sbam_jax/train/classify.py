@@ -20,7 +20,6 @@ reference does. `eval_only` needs a classifier (finetuned / linprobe).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sbam_jax import checkpoints as param_ckpt
+from sbam_jax import files
 from sbam_jax import config as config_lib
 from sbam_jax import optim, registry
 from sbam_jax.data import device as device_ops
@@ -35,7 +35,7 @@ from sbam_jax.data import mixup as mixup_lib
 from sbam_jax.errors import ConfigError
 from sbam_jax.models import VisionTransformer
 from sbam_jax.models.pos_embed import resample_pos_embed
-from sbam_jax.train import flops
+from sbam_jax.train import checkpointing, flops
 from sbam_jax.train.step import TrainState
 from sbam_jax.train.task import Task
 from sbam_jax.train.weights import model_card, take
@@ -269,8 +269,8 @@ class FinetuneTask(Task):
     if tuple(eval_source.classes) != self.classes:
       raise ConfigError(f"the {cfg.data.split!r} and {self.eval_split!r} splits "
                         f"have different class lists")
-    if cfg.eval_only and not cfg.init_from and not glob.glob(
-        os.path.join(self.workdir, "checkpoints", "[0-9]*")):
+    if cfg.eval_only and not cfg.init_from and not checkpointing.list_steps(
+        files.join(self.workdir, "checkpoints")):
       raise ConfigError("eval_only needs init_from (a classifier checkpoint) or a "
                         "workdir that already holds checkpoints")
     if cfg.eval_only:
