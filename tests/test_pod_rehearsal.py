@@ -1,15 +1,12 @@
 """A pod rehearsed on one machine: 2 processes x 4 simulated CPU devices under
-jax.distributed (mesh data 4 x fsdp 2 over all 8), a SIGTERM to one process
-mid-run, a resume, and the result held against one process with 8 devices
-and the same mesh.
-
-`pod_rehearsal` takes the workdir as a parameter so the same rehearsal can
-run with the workdir on a bucket."""
+jax.distributed (mesh data 4 x fsdp 2 over all 8), the workdir in a bucket
+(the GCS emulator on the loopback, as a pod's shared storage), a SIGTERM to
+one process mid-run, a resume, and the result held against one process with
+8 devices, the same mesh and a local workdir."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import threading
@@ -20,8 +17,10 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
+from sbam_jax import files
 from sbam_jax.train import checkpointing
 
+from gcs_server import gcs  # noqa: F401  (the fixture)
 from test_train import launch, run
 from workdir_helpers import metrics, tensorboard_steps
 
@@ -116,14 +115,14 @@ def _reaped(procs):
         p.wait()
 
 
-def test_pod_rehearsal_matches_one_process(tmp_path, cache):
-  one, pod = tmp_path / "one", tmp_path / "pod"
+def test_pod_rehearsal_matches_one_process(tmp_path, cache, gcs):  # noqa: F811
+  one, pod = tmp_path / "one", gcs.url("pod")
   code, out = run(one, cache, *OVERRIDES, devices=8)
   assert code == 0, out
   assert "{'data': 4, 'fsdp': 2} on 8 cpu devices (1 process)" in out, out
   saved, stopped, resumed = pod_rehearsal(pod, cache)
   assert "{'data': 4, 'fsdp': 2} on 8 cpu devices (2 processes)" in stopped[0], stopped[0]
-  assert f"resuming from {pod / 'checkpoints'}/{saved}" in resumed[0], resumed[0]
+  assert f"resuming from {pod}/checkpoints/{saved}" in resumed[0], resumed[0]
   assert "step 30/30" in resumed[0]
 
   # Each step logged once, across the stop. Both runs compute the same
@@ -141,9 +140,10 @@ def test_pod_rehearsal_matches_one_process(tmp_path, cache):
                    if "knn/cls_top1" in m]
   assert knn(pod) == knn(one) and [s for s, *_ in knn(one)] == [0, 30]
   # Figures: process 0 draws after every process joined the parameter gather.
-  figs = lambda w: sorted(f for f in os.listdir(w / "figures") if f.startswith("step_"))
+  listing = lambda w, d: sorted(files.listdir(files.join(str(w), d)))
+  figs = lambda w: [f for f in listing(w, "figures") if f.startswith("step_")]
   assert figs(pod) == figs(one) == ["step_0000015.png", "step_0000030.png"]
-  assert sorted(os.listdir(pod / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
+  assert listing(pod, "checkpoints") == listing(one, "checkpoints")
   assert_same_final_state(pod, one)
 
 
@@ -151,7 +151,7 @@ def checkpoint_arrays(workdir) -> tuple[int, dict]:
   """(step, whole train state as numpy) of the workdir's newest checkpoint that
   passes the trainer's own verification (integrity record, readable, finite).
   Read as numpy: it was written from 8 devices, this process has one."""
-  directory = os.path.join(str(workdir), "checkpoints")
+  directory = files.join(str(workdir), "checkpoints")
   step, state, damaged = checkpointing.newest_good(directory, lambda s: _read(directory, s))
   assert step is not None and not damaged, damaged
   return step, state

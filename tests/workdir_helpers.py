@@ -1,13 +1,16 @@
-"""Reading what a training run left in its workdir."""
+"""Reading what a training run left in its workdir (a local folder or a
+bucket URL)."""
 
 import json
 import os
 
+from sbam_jax import files
+
 
 def metrics(workdir):
   """Every row of <workdir>/metrics.jsonl."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  text = files.read_text(files.join(str(workdir), "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines()]
 
 
 def final_state(workdir):
@@ -21,10 +24,11 @@ def final_state(workdir):
 def tensorboard_steps(workdir, tag):
   """The sorted steps of every TensorBoard event with `tag` in <workdir>/tensorboard."""
   import tensorflow as tf
-  folder = os.path.join(workdir, "tensorboard")
+  folder = files.join(str(workdir), "tensorboard")
   steps = []
-  for name in os.listdir(folder):
-    for raw in tf.data.TFRecordDataset(os.path.join(folder, name)):
-      event = tf.compat.v1.Event.FromString(raw.numpy())
-      steps += [event.step for v in event.summary.value if v.tag == tag]
+  for name in files.listdir(folder):
+    with files.local_copy(files.join(folder, name)) as local:
+      for raw in tf.data.TFRecordDataset(local):
+        event = tf.compat.v1.Event.FromString(raw.numpy())
+        steps += [event.step for v in event.summary.value if v.tag == tag]
   return sorted(steps)
