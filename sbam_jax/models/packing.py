@@ -52,10 +52,10 @@ def token_budgets(per_group: int, min_len: int, max_len: int, num_budgets: int,
   Geometric, so a group's total is never more than a fixed fraction short of
   its budget: each budget is at most r = (max_len / min_len)^(1 / (num_budgets
   - 1)) times the one below, and the tokens computed exceed those kept by less
-  than r - 1 (+ the rounding) whatever the keep lengths (5.7 % for 16 budgets
-  over 30..69 tokens). The first fits every image at min_len, the last every
-  image at max_len (the exact fallback). min_len / max_len: sequence lengths
-  (len_keep + 1)."""
+  than r - 1 (+ the rounding) whatever the keep lengths (4.5 % for the
+  default 20 budgets over 30..69 tokens). The first fits every image at
+  min_len, the last every image at max_len (the exact fallback). min_len /
+  max_len: sequence lengths (len_keep + 1)."""
   if num_budgets < 1:
     raise ValueError(f"num_budgets must be >= 1, got {num_budgets}")
   lo, hi = per_group * min_len, per_group * max_len
