@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from sbam_jax import files
-from sbam_jax.train import logging_utils
+from sbam_jax.train import checkpointing, logging_utils
 
 # bf16 dense matmul peaks, for the MFU estimate (None elsewhere, e.g. CPU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -182,7 +182,7 @@ def written(workdir: str, since: float) -> list:
     if single:
       out.append(f"{path} ({size / 1e6:.2f} MB)")
     elif name == "checkpoints":
-      steps = sorted(int(s) for s in files.listdir(path) if s.isdigit())
+      steps = checkpointing.list_steps(path)
       out.append(f"{path}/ steps {steps} ({size / 1e6:.1f} MB written)")
     else:
       out.append(f"{path}/ ({len(stats)} files, {size / 1e6:.2f} MB)")
