@@ -64,6 +64,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from sbam_jax import checkpoints, files  # noqa: E402
 from sbam_jax.convert import exporters, formats, readers  # noqa: E402
 from sbam_jax.convert.torch_io import ConvertError  # noqa: E402
+from sbam_jax.errors import StoreError  # noqa: E402
 
 
 def to_jax(args) -> str:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     (to_jax if args.mode == "to-jax" else to_torch)(args)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:  # ConvertError, MappingError
+  except (ValueError, FileExistsError, FileNotFoundError, StoreError) as e:  # ConvertError, ...
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   return 0

@@ -168,14 +168,14 @@ def init_distributed():
 def main(argv):
   del argv
   init_distributed()
-  from sbam_jax.errors import ConfigError, DataError, WriteError  # pylint: disable=g-import-not-at-top
+  from sbam_jax.errors import ConfigError, DataError, StoreError, WriteError  # pylint: disable=g-import-not-at-top
   from sbam_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
     status = loop.run(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
   except WriteError as e:  # (a failed checkpoint save is one too)
     print(f"error: {e}", file=sys.stderr)
     status = 4
-  except (ConfigError, DataError) as e:
+  except (ConfigError, DataError, StoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     status = 2
   sys.exit(status)

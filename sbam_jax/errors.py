@@ -30,3 +30,10 @@ class CheckpointError(DataError):
 class SaveError(CheckpointError, WriteError):
   """A checkpoint save failed (disk full, permission, I/O): the message names
   the path, the space needed and the last good step, which stays intact."""
+
+
+class StoreError(Exception):
+  """A cloud-storage URL whose store cannot be reached or used (no network,
+  no DNS, refused credentials, no such bucket); the message says which and
+  the fix. Not a ValueError or OSError, so no handler of bad files or
+  transient I/O swallows it: the run stops with status 2."""

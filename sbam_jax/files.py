@@ -28,7 +28,10 @@ import functools
 import os
 import shutil
 import tempfile
+import types
 from typing import Iterator, NamedTuple, Optional
+
+from sbam_jax import store
 
 
 # ---------------------------------------------------------------------------
@@ -75,12 +78,51 @@ def dirname(path: str) -> str:
 
 
 def _fs(path: str):
-  """(fsspec filesystem, path without the scheme). Listings are not cached:
-  orbax (tensorstore) and other processes write the same bucket."""
+  """(the store's fsspec filesystem, path without the scheme). The store is
+  probed at first use (`store.check`: one line, not a minute of retries).
+  Listings are not cached: orbax (tensorstore) and other processes write
+  the same bucket. Its methods raise OSError for the client's own errors."""
   import fsspec  # pylint: disable=g-import-not-at-top
+  store.check(path)
   protocol = str(path).split("://", 1)[0]
   fs = fsspec.filesystem(protocol, use_listings_cache=False)
-  return fs, fs._strip_protocol(str(path))  # pylint: disable=protected-access
+  return _Translated(fs), fs._strip_protocol(str(path))  # pylint: disable=protected-access
+
+
+class _Translated:
+  """A filesystem whose calls (and the generators they return) raise
+  OSError for a storage client's exceptions (gcsfs's HttpError is not
+  one), so every `except OSError` here and in the callers applies."""
+
+  def __init__(self, fs):
+    self._fs = fs
+
+  def __getattr__(self, name):
+    attr = getattr(self._fs, name)
+    if not callable(attr):
+      return attr
+
+    def call(*args, **kwargs):
+      with _client_errors():
+        out = attr(*args, **kwargs)
+      return _translated_items(out) if isinstance(out, types.GeneratorType) else out
+    return call
+
+
+def _translated_items(gen):
+  with _client_errors():
+    yield from gen
+
+
+@contextlib.contextmanager
+def _client_errors():
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    err = store.as_oserror(e)
+    if err is None:
+      raise
+    raise err from e
 
 
 # ---------------------------------------------------------------------------

@@ -56,8 +56,12 @@ class MetricWriter:
     if self._local_tb is None or (not force and time.time() - self._uploaded < UPLOAD_S):
       return
     self._tb.flush()
-    for name in sorted(os.listdir(self._local_tb)):
-      files.copy_file(os.path.join(self._local_tb, name), files.join(self.tb_dir, name))
+    try:
+      for name in sorted(os.listdir(self._local_tb)):
+        files.copy_file(os.path.join(self._local_tb, name), files.join(self.tb_dir, name))
+    except OSError as e:
+      raise WriteError(f"cannot upload TensorBoard events to {self.tb_dir} ({e.strerror or e}); "
+                       "the run stops here: fix the bucket's access, then resume") from e
     self._uploaded = time.time()
 
   # ---- metrics.jsonl ------------------------------------------------------------
@@ -78,7 +82,11 @@ class MetricWriter:
     return out
 
   def _rewrite(self, records: list) -> None:
-    files.write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
+    try:
+      files.write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
+    except OSError as e:
+      raise WriteError(f"cannot write {self.jsonl} ({e.strerror or e}); the run stops here: "
+                       "free space or fix permissions, then resume") from e
 
   def _append(self, record: dict) -> None:
     data = (json.dumps(record) + "\n").encode()
@@ -87,7 +95,7 @@ class MetricWriter:
         files.write_atomic(self.jsonl, self._read() + data)
       except OSError as e:
         raise WriteError(f"cannot write {self.jsonl} ({e}); the run stops here: fix the "
-                         f"bucket's permissions or quota, then resume") from e
+                         f"bucket's access (network, permissions or quota), then resume") from e
       return
     fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     size = os.fstat(fd).st_size

@@ -12,14 +12,15 @@ could not be written, 128 + n stopped by signal n (after saving).
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sbam_jax import checkpoints as param_ckpt
-from sbam_jax import files, registry, sharding
-from sbam_jax.errors import ConfigError, DataError
+from sbam_jax import files, registry, sharding, store
+from sbam_jax.errors import ConfigError, DataError, StoreError, WriteError
 from sbam_jax.train import checkpointing, report as report_lib, signals
 from sbam_jax.train import workdir as workdir_lib
 
@@ -28,6 +29,10 @@ def run(config, workdir: str, *, dry_run: bool = False) -> int:
   """Build the task `config.task` names and run it; returns the exit status.
   A run that fails validation leaves the workdir as it found it."""
   started, main = time.time(), jax.process_index() == 0
+  try:
+    store.check(workdir)  # (a URL: one line now, not a minute of retries later)
+  except StoreError as e:
+    raise StoreError(f"--workdir: {e}") from None
   task_cls = registry.lookup("task", config.get("task", "pretrain"), where="task")
   if dry_run:
     return dry(task_cls(config, workdir), workdir, started)
@@ -143,9 +148,14 @@ def fit(task, workdir: str, *, lock=None, started=None, run_state=None) -> int:
         report.writer.truncate(int(state.step))  # records past the restored step go
       status = _train(task, state, state_sh, ckpt, evaluators, report, lock)
   finally:
+    failing = sys.exc_info()[1] is not None
     ckpt.close()
     if report is not None:
-      report.writer.close()
+      try:
+        report.writer.close()
+      except WriteError:
+        if not failing:
+          raise  # (else the first error is the one to report, not the upload after it)
   task.close()
   return status
 
