@@ -164,14 +164,16 @@ def switch_sharing_residuals(index, branches, params, x, aux):
       return out, leaves
     return go
 
-  shapes = [jax.eval_shape(forward(i), params, x, aux)[1] for i in range(len(branches))]
-  slots = _shared_slots(shapes)
+  shapes = []  # each branch's residuals; traced only under autodiff (in run_fwd)
 
   @jax.custom_vjp
   def run(index, p, y, a):
     return jax.lax.switch(index, branches, p, y, a)
 
   def run_fwd(index, p, y, a):
+    shapes[:] = [jax.eval_shape(forward(i), p, y, a)[1] for i in range(len(branches))]
+    slots = _shared_slots(shapes)
+
     def padded(i):
       def go(p_, y_, a_):
         out, leaves = forward(i)(p_, y_, a_)
