@@ -169,3 +169,21 @@ def test_failed_event_upload_is_a_write_error(monkeypatch, tmp_path):
   with pytest.raises(WriteError, match="TensorBoard events to gs://b/run/tensorboard.*HTTP 503"):
     writer.scalars(1, {"loss": 1.0})  # the first upload; metrics.jsonl stays local here
   assert [r["step"] for r in writer.records()] == [1]
+
+
+def test_metric_log_in_a_bucket_is_read_once(gcs, monkeypatch):
+  """The writer keeps the log it uploaded: no download per record (a long
+  run's log would otherwise cost a growing download at every record)."""
+  from sbam_jax.train import logging_utils
+  url = gcs.url("read_once")
+  reads = []
+  plain = files.read_bytes
+  monkeypatch.setattr(files, "read_bytes", lambda p: reads.append(p) or plain(p))
+  writer = logging_utils.MetricWriter(url)
+  for step in range(1, 5):
+    writer._append({"step": step})
+  writer.truncate(2)
+  writer._append({"step": 3})
+  assert len(reads) <= 1, reads
+  fresh = logging_utils.MetricWriter(url)  # another reader downloads what was uploaded
+  assert [r["step"] for r in fresh.records()] == [1, 2, 3]

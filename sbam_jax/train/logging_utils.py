@@ -40,6 +40,7 @@ class MetricWriter:
     self.tb_dir = files.join(workdir, "tensorboard")
     self.remote = files.is_remote(workdir)
     self._tb, self._local_tb, self._uploaded = None, None, 0.0
+    self._held = None  # a remote log's bytes as last read or written (this run is its one writer)
 
   def _writer(self):
     if self._tb is None:
@@ -67,9 +68,12 @@ class MetricWriter:
   # ---- metrics.jsonl ------------------------------------------------------------
 
   def _read(self) -> bytes:
-    if not files.exists(self.jsonl):
-      return b""
-    return files.read_bytes(self.jsonl)
+    if self._held is not None:
+      return self._held  # (no download per record: the bucket holds what we last wrote)
+    data = files.read_bytes(self.jsonl) if files.exists(self.jsonl) else b""
+    if self.remote:
+      self._held = data
+    return data
 
   def records(self, whole: bytes | None = None) -> list:
     """The whole records in metrics.jsonl (a cut-off last line is not one)."""
@@ -82,8 +86,11 @@ class MetricWriter:
     return out
 
   def _rewrite(self, records: list) -> None:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
     try:
-      files.write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
+      self._held = None
+      files.write_atomic(self.jsonl, data)
+      self._held = data if self.remote else None
     except OSError as e:
       raise WriteError(f"cannot write {self.jsonl} ({e.strerror or e}); the run stops here: "
                        "free space or fix permissions, then resume") from e
@@ -92,7 +99,10 @@ class MetricWriter:
     data = (json.dumps(record) + "\n").encode()
     if self.remote:  # no append on an object store: the whole log, one upload
       try:
-        files.write_atomic(self.jsonl, self._read() + data)
+        whole = self._read() + data
+        self._held = None  # (unknown until the upload succeeds)
+        files.write_atomic(self.jsonl, whole)
+        self._held = whole
       except OSError as e:
         raise WriteError(f"cannot write {self.jsonl} ({e}); the run stops here: fix the "
                          f"bucket's access (network, permissions or quota), then resume") from e
