@@ -32,7 +32,9 @@ BUCKET = "bkt"
 # - media downloads carry no `x-goog-generation` header and ignore
 #   `ifGenerationNotMatch` / `ifGenerationMatch`, which tensorstore's
 #   conditional reads of an OCDBT manifest rely on ("Malformed
-#   StorageGeneration"); both are answered as GCS does.
+#   StorageGeneration"); both are answered as GCS does;
+# - uploads ignore `ifGenerationMatch=0` (create only if absent), which the
+#   workdir lock relies on: an existing object is answered 412 as GCS does.
 _SERVE = """
 import http.server, sys, threading
 from http import HTTPStatus
@@ -63,7 +65,31 @@ def download(request, response, storage, *args, **kwargs):
   response["x-goog-generation"] = gen
   return plain(request, response, storage)
 objects.download = download
-server.HANDLERS = tuple((pattern, {m: download if f is plain else f for m, f in methods.items()})
+from gcp_storage_emulator.storage import Storage
+only_new, plain_create, plain_insert = threading.local(), Storage.create_file, objects.insert
+class Exists(Exception):
+  pass
+def create_file(self, bucket_name, file_name, *args, **kwargs):
+  if getattr(only_new, "on", False):
+    try:
+      self.get_file_obj(bucket_name, file_name)
+    except NotFound:
+      pass
+    else:
+      raise Exists()
+  return plain_create(self, bucket_name, file_name, *args, **kwargs)
+Storage.create_file = create_file
+def insert(request, response, storage, *args, **kwargs):
+  only_new.on = request.query.get("ifGenerationMatch", [None])[0] == "0"
+  try:
+    return plain_insert(request, response, storage, *args, **kwargs)
+  except Exists:
+    response.status = HTTPStatus.PRECONDITION_FAILED
+  finally:
+    only_new.on = False
+objects.insert = insert
+swap = {plain: download, plain_insert: insert}
+server.HANDLERS = tuple((pattern, {m: swap.get(f, f) for m, f in methods.items()})
                         for pattern, methods in server.HANDLERS)
 from gcp_storage_emulator.__main__ import main
 sys.exit(main())

@@ -85,6 +85,20 @@ def test_move_remove_rmtree_and_exclusive_create(where):
   assert files.read_text(lock) == "first"
 
 
+def test_exclusive_create_loses_a_race_in_a_bucket(gcs, monkeypatch):
+  """Two creators both saw no object: the store's precondition
+  (ifGenerationMatch=0) refuses the second upload, which then reports
+  False and leaves the first creator's object."""
+  import fsspec
+  lock = gcs.url("race/lock")
+  assert files.create_exclusive(lock, "first")
+  fs = fsspec.filesystem("gs", use_listings_cache=False)
+  monkeypatch.setattr(fs, "exists", lambda path: False)  # the second creator looked too early
+  assert not files.create_exclusive(lock, "second")
+  assert files.read_text(lock) == "first"
+  assert files.create_exclusive(gcs.url("race/other"), "new")  # (absent: created)
+
+
 def test_bucket_objects_are_what_was_written(gcs):
   url = gcs.url("raw")
   files.write_atomic(files.join(url, "k", "v.json"), json.dumps({"a": 1}))
