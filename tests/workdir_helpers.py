@@ -15,10 +15,17 @@ def metrics(workdir):
 
 def final_state(workdir):
   """(step, restored TrainState tree) of the workdir's latest checkpoint."""
+  import jax
   import orbax.checkpoint as ocp
   ckpt = os.path.join(workdir, "checkpoints")
   step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-  return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "default"))
+  path = os.path.join(ckpt, str(step), "default")
+  reader = ocp.StandardCheckpointer()
+  # Onto this process's first device: the run may have saved from several.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = reader.metadata(path).item_metadata.tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+  return step, reader.restore(path, target)
 
 
 def tensorboard_steps(workdir, tag):

@@ -158,9 +158,16 @@ class PretrainTask(Task):
 
   def summary(self) -> str:
     s = self.spec
+    if self.pack is not None:
+      encoder = (f"kept tokens packed per device ({len(self.pack.budgets)} budgets, "
+                 f"{self.pack.budgets[0]}..{self.pack.budgets[-1]} tokens)")
+    elif self.bucketed:
+      encoder = f"{len(self.buckets)} capacity buckets, up to {self.buckets[-1]} tokens per image"
+    else:
+      encoder = f"{self.capacity} tokens per image"
     return (f"pre-training a {self.model_cfg.embed_dim}-wide ViT, lr {self.peak_lr:.3g}, masking "
             f"{s.method} (v={s.ratio_var}, group={s.group_size}), random masking until step "
-            f"{self.random_steps}")
+            f"{self.random_steps}; encoder: {encoder}")
 
   def transform(self):
     from sbam_jax.data import transforms  # pylint: disable=g-import-not-at-top
