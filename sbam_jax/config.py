@@ -308,7 +308,7 @@ class MaskingConfig:
   ratio_var: float = 0.1
   delta: float = 0.5
   group: str = "device"         # AMR ratio shared per 'sample' | 'device' batch | 'global' batch
-  capacity: str = "max"         # 'max' (one compile, no host sync) | 'packed' | 'bucketed'
+  capacity: str = "max"         # 'max' (one compile, no host sync) | 'packed' (the recipe's) | 'bucketed'
   num_buckets: int = 4          # 'bucketed': compiled encoder capacities
   num_budgets: int = 20         # 'packed': token budgets per device, geometric (lax.switch branches)
 
