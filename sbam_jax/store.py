@@ -72,14 +72,21 @@ def _quiet_client_logs() -> None:
 
 def _check_bucket(url: str, protocol: str, bucket: str) -> None:
   """One bucket query (metadata, or a listing where metadata is not
-  allowed), credential lookup included, bounded by PROBE_S."""
+  allowed), credential lookup included, bounded by PROBE_S. Where the
+  bucket itself is refused, the path is asked instead: access may be
+  granted to a prefix only."""
   found = {}
 
   def query():
     import fsspec  # pylint: disable=g-import-not-at-top
     fs = fsspec.filesystem(protocol, use_listings_cache=False)
     found["method"] = getattr(getattr(fs, "credentials", None), "method", None)
-    fs.info(bucket)
+    try:
+      fs.info(bucket)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _refused(e):
+        raise
+      fs.exists(str(url).partition("://")[2])  # (a refusal here too is the answer)
 
   try:
     _within(PROBE_S, query)
@@ -94,11 +101,16 @@ def _check_bucket(url: str, protocol: str, bucket: str) -> None:
     raise StoreError(_refusal(url, bucket, e, found.get("method"))) from None
 
 
+def _refused(e: Exception) -> bool:
+  """Whether `e` is the store refusing access (HTTP 401 / 403, a credential error)."""
+  return (getattr(e, "code", None) in (401, 403) or str(e).startswith("Forbidden")
+          or type(e).__module__.startswith("google.auth"))
+
+
 def _refusal(url: str, bucket: str, e: Exception, method) -> str:
   code = getattr(e, "code", None)
   first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-  if code in (401, 403) or first.startswith("Forbidden") or \
-      type(e).__module__.startswith("google.auth"):
+  if _refused(e):
     who = ("without credentials (none were found on this machine)" if method == "anon" else
            f"with the credentials found ({method})" if method else "")
     return (f"access to {url} was refused{f' (HTTP {code})' if code else ''} {who}: give "

@@ -187,3 +187,28 @@ def test_metric_log_in_a_bucket_is_read_once(gcs, monkeypatch):
   assert len(reads) <= 1, reads
   fresh = logging_utils.MetricWriter(url)  # another reader downloads what was uploaded
   assert [r["step"] for r in fresh.records()] == [1, 2, 3]
+
+
+class PrefixOnly:
+  """A bucket whose metadata and listing are refused (HTTP 403), with access
+  granted to one prefix only."""
+
+  def __init__(self, allowed):
+    self.allowed = allowed
+
+  def info(self, path):
+    raise OSError(f"Forbidden: {path}\ncaller does not have storage.buckets.get")
+
+  def exists(self, path):
+    if not path.startswith(self.allowed):
+      raise OSError(f"Forbidden: {path}\ncaller does not have storage.objects.list")
+    return False
+
+
+def test_access_to_a_prefix_only_passes_the_probe(monkeypatch):
+  import fsspec
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:1")  # (skips the DNS / TCP checks)
+  monkeypatch.setattr(fsspec, "filesystem", lambda *a, **k: PrefixOnly("prefix-bkt/mine/"))
+  store.check("gs://prefix-bkt/mine/run")  # refused at the bucket, allowed at the path
+  with pytest.raises(store.StoreError, match=r"access to gs://prefix-bkt2/theirs/run was refused"):
+    store.check("gs://prefix-bkt2/theirs/run")
