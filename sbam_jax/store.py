@@ -17,7 +17,6 @@ Only `gs://` is probed; other fsspec schemes go straight to their client.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import socket
