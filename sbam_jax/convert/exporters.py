@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from sbam_jax import files
 from sbam_jax.checkpoints import write_folder
 from sbam_jax.convert import formats, hf, timm_layout

@@ -30,8 +30,13 @@ from typing import Mapping, Optional
 import numpy as np
 
 from sbam_jax.convert.torch_io import ConvertError
-from sbam_jax.models.pos_embed import resample_pos_embed  # noqa: F401  (re-exported)
+from sbam_jax.models.pos_embed import resample_pos_embed
 from sbam_jax.models.sizes import ModelConfig, model_config
+
+# resample_pos_embed lives in models.pos_embed; readers and tests reach it here
+# too, as the converters' step that fits a table to another image size.
+__all__ = ["PRETRAIN", "ENCODER", "FINETUNED", "KINDS", "AVG", "TOKEN", "POOLS", "Detected",
+           "classifier_pool", "detect", "build_model", "template", "resample_pos_embed"]
 
 PRETRAIN, ENCODER, FINETUNED = "pretrain", "encoder", "finetuned"
 KINDS = (PRETRAIN, ENCODER, FINETUNED)
