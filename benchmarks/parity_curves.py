@@ -60,9 +60,10 @@ from sbam_jax.data.demo import PHOTO_DIR, photo_names  # noqa: E402
 from sbam_jax.train.classify import FinetuneTask, LinprobeTask  # noqa: E402
 from sbam_jax.train.pretrain import PretrainTask  # noqa: E402
 
+from benchmarks.parity_figures import FLOOR, loss_rel, plot, write_curves  # noqa: E402
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BOUND_FACTOR = 4.0    # ours vs ref <= this x max(ref vs reordered ref, ref vs float64 ref)
-FLOOR = 2.0 ** -23    # float32 epsilon: a bound is never below one rounding
 
 
 @dataclasses.dataclass
@@ -335,10 +336,6 @@ def _run_reference(run: Run, task, images, labels, plans, variant: int) -> dict:
 
 # ---- comparison --------------------------------------------------------------------
 
-def loss_rel(a: dict, b: dict) -> np.ndarray:
-  return np.abs(a["loss"] - b["loss"]) / np.abs(b["loss"])
-
-
 def param_rel(a: dict, b: dict) -> float:
   """||a - b|| / ||b|| over every trainable tensor (and BatchNorm statistics)."""
   if sorted(a["params"]) != sorted(b["params"]):
@@ -437,52 +434,6 @@ LONG = {
 }
 
 
-def plot(name: str, run: Run, ours: dict, refs: tuple, s: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  ref, reord, ref64 = refs
-  steps = np.arange(len(ref["loss"]))
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-  top.plot(steps, ref["loss"], label="PyTorch reference", lw=2.5, color="0.6")
-  top.plot(steps, ours["loss"], label="sbam_jax", lw=1.0, color="C0")
-  if switch_step(run):
-    top.axvline(switch_step(run), ls=":", color="C3", label="random -> " + name.split("_", 1)[1])
-  top.axvline(run.steps_per_epoch * run.warmup_epochs, ls="--", color="C2", label="warm-up end")
-  top.set_ylabel("training loss")
-  top.set_title(f"{name}: {s['steps']} optimizer steps, tiny ViT, float32, "
-                f"{jax.device_count()} device(s)")
-  top.legend()
-  floor = lambda r: np.maximum(r, FLOOR / 10)
-  bottom.semilogy(steps, floor(loss_rel(ours, ref)), label="|ours - ref| / |ref|", color="C0")
-  bottom.semilogy(steps, floor(loss_rel(reord, ref)), label="|ref reordered - ref| / |ref|",
-                  color="0.5")
-  bottom.semilogy(steps, floor(loss_rel(ref, ref64)), label="|ref - ref float64| / |ref float64|",
-                  color="C1", lw=0.8)
-  bottom.axhline(s["loss_bound"], ls="--", color="C3",
-                 label=f"bound: {s['factor']:g} x max(reordering, ref float32 error)")
-  bottom.set_xlabel("optimizer step")
-  bottom.set_ylabel("per-step loss relative difference")
-  bottom.legend(fontsize=8)
-  fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=90)
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
-def write_curves(path: str, ours: dict, refs: tuple) -> None:
-  """Per-step lr and losses, so another implementation can be laid beside them."""
-  ref, reord, ref64 = refs
-  lines = ["step,lr,loss_reference,loss_reference_reordered,loss_reference_float64,loss_sbam_jax"]
-  for t in range(len(ref["loss"])):
-    lines.append(f"{t},{ref['lr'][t]:.9g},{ref['loss'][t]:.9g},{reord['loss'][t]:.9g},"
-                 f"{ref64['loss'][t]:.12g},{ours['loss'][t]:.9g}")
-  with open(path + ".tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "parity"))
@@ -508,7 +459,8 @@ def main(argv=None) -> int:
       print(f"{name}: {run.steps} optimizer steps, ours and the reference three times (plain, reordered, float64) ...", flush=True)
       s, ours, refs = compare_task(run, root, images, labels, os.path.join(tmp, name))
       s.update(seconds=round(time.time() - t0, 1), devices=jax.device_count())
-      plot(name, run, ours, refs, s, os.path.join(args.out, f"{name}.png"))
+      plot(name, ours, refs, s, os.path.join(args.out, f"{name}.png"), switch=switch_step(run),
+           warmup_end=run.steps_per_epoch * run.warmup_epochs)
       write_curves(os.path.join(args.out, f"{name}.csv"), ours, refs)
       rows[name] = s
       failed |= not s["ok"]
