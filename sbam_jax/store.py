@@ -12,6 +12,10 @@ becomes a WriteError, a save a SaveError) handle store failures too: gcsfs
 raises HTTP errors as plain Exceptions.
 
 Only `gs://` is probed; other fsspec schemes go straight to their client.
+A bucket name that Cloud Storage could never hold (`gs://`, `gs://Bad
+Bucket!/x`) is refused by `check_name` before any request: the client would
+otherwise spend the credential lookup and its retries on it, then answer
+with an HTTP 400 or a misleading "no such bucket".
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 import threading
 
@@ -29,6 +34,10 @@ CONNECT_S = 10.0     # the longest name resolution or the TCP connection may tak
 GCS_HOST = ("storage.googleapis.com", 443)
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
 CLIENT_MODULES = ("gcsfs", "aiohttp", "google.auth", "google.api_core", "requests", "fsspec")
+NAME_RULE = ("Cloud Storage bucket names are 3-63 characters (up to 222 with dots, each "
+             "dot-separated part 1-63) of lowercase letters, digits, '-', '_' and '.', "
+             "starting and ending with a letter or digit")
+_NAME_CHARS = re.compile(r"[a-z0-9][a-z0-9._-]*[a-z0-9]")
 
 
 def as_oserror(e: BaseException):
@@ -45,18 +54,87 @@ def as_oserror(e: BaseException):
 _GOOD = set()  # (protocol, bucket, endpoint) that answered
 
 
-def check(url: str) -> None:
+class Watch:
+  """Tells a read of one object that failed from a store that is lost, for
+  readers whose failures are counted as skips (the input pipeline drops an
+  element whose read raises, a StoreError too, and names it as skipped).
+
+  A missing object (gone since the listing) or one refused object is a
+  skip; a store that stopped answering (or a bucket deleted meanwhile) would
+  otherwise cost each remaining read the client's retries (~30 s) and end as
+  thousands of skips. So after a failed read `failed` probes the store again
+  (a connection and one bucket query); if that fails, the loss is recorded
+  and every later `stop_if_lost` (in the reads, and on the host side that
+  names skipped images) raises StoreError: the run stops with one line."""
+
+  def __init__(self, what: str):
+    self.what, self.lost = what, ""
+    self._lock = threading.Lock()
+
+  def failed(self, url: str, error: Exception) -> None:
+    """After a read of `url` raised `error`: raise StoreError if the store is
+    lost, else return (the caller re-raises `error`: one object failed)."""
+    with self._lock:  # (parallel readers fail together: one probe at a time)
+      if not self.lost:
+        try:
+          if not isinstance(error, StoreError):
+            check(url, again=True)
+        except StoreError as e:
+          error = e
+        if isinstance(error, StoreError):
+          self.lost = f"{self.what} cannot be read any more: {error}"
+    self.stop_if_lost()
+
+  def stop_if_lost(self) -> None:
+    if self.lost:
+      raise StoreError(self.lost)
+
+
+def check(url: str, *, again: bool = False) -> None:
   """Raise StoreError unless the bucket of `url` answers. Done once per
   bucket and endpoint; a failure is not remembered, so a repaired network
-  is seen at the next call."""
+  is seen at the next call. `again`: probe a bucket that answered before
+  (after a failed read: has the store itself gone away?)."""
   protocol, _, rest = str(url).partition("://")
   key = (protocol, rest.split("/", 1)[0], os.environ.get("STORAGE_EMULATOR_HOST", ""))
-  if protocol not in ("gs", "gcs") or key in _GOOD:
+  if protocol not in ("gs", "gcs") or (key in _GOOD and not again):
     return
+  check_name(url, key[1])
+  _GOOD.discard(key)
   _quiet_client_logs()
   _check_network(url, key[2])
   _check_bucket(url, *key[:2])
   _GOOD.add(key)
+
+
+def name_problem(bucket: str) -> str:
+  """What is wrong with `bucket` as a Cloud Storage bucket name ('' if nothing)."""
+  if not bucket:
+    return "the bucket name is empty"
+  longest = 222 if "." in bucket else 63
+  if not 3 <= len(bucket) <= longest:
+    return f"the bucket name has {len(bucket)} characters"
+  bad = sorted(set(re.sub(r"[a-z0-9._-]", "", bucket)))
+  if bad:
+    return f"the bucket name holds {', '.join(map(repr, bad))}"
+  if not _NAME_CHARS.fullmatch(bucket):
+    return "the bucket name does not start and end with a letter or digit"
+  parts = bucket.split(".")
+  if "" in parts:
+    return "the bucket name has two dots in a row"
+  long_part = next((part for part in parts if len(part) > 63), None)
+  if long_part:
+    return f"its dot-separated part {long_part[:16]}... has {len(long_part)} characters"
+  return ""
+
+
+def check_name(url: str, bucket: str) -> None:
+  """Raise StoreError, naming `url` and the rule, unless `bucket` is a valid
+  Cloud Storage bucket name (no request is made)."""
+  problem = name_problem(bucket)
+  if problem:
+    raise StoreError(f"{url!r} is not a usable bucket URL: {problem}; {NAME_RULE} "
+                     "(e.g. gs://my-bucket/run)")
 
 
 def _quiet_client_logs() -> None:

@@ -1,7 +1,10 @@
 """A bucket that cannot be reached or used is one line and exit status 2
-within seconds (not a minute of client retries and tracebacks), and a
+within seconds (not a minute of client retries and tracebacks), a bucket
+name Cloud Storage cannot hold is refused before any request, and a
 storage client's own errors reach the callers as OSError, so a failed write
-in a bucket stops the run as a WriteError like a failed local write."""
+in a bucket stops the run as a WriteError like a failed local write. In
+the input pipeline an image that cannot be read is a named skip; a store
+lost mid-run stops it with one StoreError."""
 
 import os
 import socket
@@ -10,10 +13,14 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from gcs_server import GcsServer, free_port, gcs  # noqa: F401  (gcs: the fixture)
+import gcs_server
+from gcs_server import GcsServer, free_port
 from sbam_jax import files, store
+
+gcs = gcs_server.gcs  # the emulator fixture, found by pytest under this name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,3 +219,153 @@ def test_access_to_a_prefix_only_passes_the_probe(monkeypatch):
   store.check("gs://prefix-bkt/mine/run")  # refused at the bucket, allowed at the path
   with pytest.raises(store.StoreError, match=r"access to gs://prefix-bkt2/theirs/run was refused"):
     store.check("gs://prefix-bkt2/theirs/run")
+
+
+# ---- bucket names -----------------------------------------------------------------
+
+def no_network(monkeypatch):
+  """Any name lookup, connection or client made from here on fails the test."""
+  import fsspec
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f"network used: {args}")
+  for module, name in ((socket, "getaddrinfo"), (socket, "create_connection"),
+                       (fsspec, "filesystem")):
+    monkeypatch.setattr(module, name, refuse)
+
+
+def test_bad_bucket_name_is_one_line_before_any_request():
+  # An endpoint that never resolves: a request made before the name check
+  # would end as a DNS error, not as the naming rule.
+  env = emulator_env("http://sbam-no-such-host.invalid:4443")
+  p, took = run_cli([*TRAIN, "--workdir", "gs://Bad Bucket!/x"], env)
+  line = one_line(p)
+  assert line.startswith("error: --workdir: 'gs://Bad Bucket!/x' is not a usable bucket URL: "
+                         "the bucket name holds ' ', '!', 'B'; "), line
+  assert "3-63 characters" in line and "lowercase letters" in line, line
+  assert "resolve" not in line and took < 30, (line, took)
+
+
+# (bucket, the reason named), from Cloud Storage's naming rules.
+BAD_NAMES = [
+    ("", "is empty"),
+    ("ab", "has 2 characters"),
+    ("a" * 64, "has 64 characters"),
+    ("my_Bucket", "holds 'B'"),
+    ("bucket:1", "holds ':'"),
+    ("-bucket", "does not start and end with a letter or digit"),
+    ("bucket_", "does not start and end with a letter or digit"),
+    ("my..bucket", "two dots in a row"),
+    ("a" * 64 + ".example.com", "part aaaaaaaaaaaaaaaa... has 64 characters"),
+    (".".join(["a" * 60] * 4), "has 243 characters"),
+]
+GOOD_NAMES = ["abc", "a" * 63, "my_bucket-1.2", "0-9", ".".join(["a" * 63] * 3) + ".ab"]
+
+
+@pytest.mark.parametrize("bucket,reason", BAD_NAMES)
+def test_bad_bucket_names_are_refused_without_network(monkeypatch, bucket, reason):
+  no_network(monkeypatch)
+  url = f"gs://{bucket}/run" if bucket else "gs://"
+  with pytest.raises(store.StoreError) as e:
+    store.check(url)
+  text = str(e.value)
+  assert text.startswith(f"{url!r} is not a usable bucket URL: ") and reason in text, text
+  assert "\n" not in text and store.NAME_RULE in text
+
+
+def test_good_bucket_names_pass_the_name_check(monkeypatch):
+  no_network(monkeypatch)
+  for bucket in GOOD_NAMES:
+    assert len(bucket) <= 222 and store.name_problem(bucket) == "", bucket
+    store.check_name(f"gs://{bucket}/x", bucket)
+  assert len(GOOD_NAMES[-1]) == 194
+  store.check("s3://Any Name/x")  # (other schemes are their client's business)
+
+
+# ---- reading images from a bucket -------------------------------------------------
+
+def png(value: int) -> bytes:
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def bucket_pipeline(server, prefix: str, per_class: int = 4):
+  """An evaluation pipeline (batches of 4) over 2 classes of `per_class`
+  one-colour PNGs in the emulator: image i of class c has value 10 c + i."""
+  from sbam_jax.data import pipeline, sources
+  from sbam_jax.data.tf_env import import_tf
+  tf = import_tf()
+  for c in range(2):
+    for i in range(per_class):
+      files.write_atomic(server.url(f"{prefix}/train/c{c}/{i}.png"), png(10 * c + i))
+  source = sources.folder_source(server.url(prefix), "train")
+  decode = lambda data, seed: tf.ensure_shape(
+      tf.io.decode_png(data, channels=3), (4, 4, 3))
+  return source, pipeline.InputPipeline(source, decode, global_batch=4, image_size=4,
+                                        train=False, threads=2)
+
+
+def test_unreadable_bucket_images_are_named_skips(gcs, monkeypatch):
+  """A file removed after the listing, and one object whose read fails while
+  the store answers: both are counted, named skips; the others arrive."""
+  source, pipe = bucket_pipeline(gcs, "skips")
+  files.remove(gcs.url("skips/train/c0/1.png"))
+  plain, broken = files.read_bytes, gcs.url("skips/train/c1/2.png")
+
+  def read(path):
+    if path == broken:
+      raise OSError(5, "Input/output error", path)
+    return plain(path)
+  monkeypatch.setattr(files, "read_bytes", read)
+  batches = list(pipe)
+  valid = np.concatenate([b["valid"] for b in batches])
+  values = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
+  paths = [str(p) for p in source.paths]
+  assert pipe.skipped == 2 and sorted(pipe.skipped_names) == sorted(
+      [gcs.url("skips/train/c0/1.png"), broken])
+  assert [p for p, ok in zip(paths, valid) if not ok] == sorted(pipe.skipped_names)
+  expected = [10 * int(p.split("/c")[1][0]) + int(p.rsplit("/", 1)[1][0]) for p in paths]
+  np.testing.assert_array_equal(values[valid], np.array(expected)[valid])
+  assert not source.watch.lost
+
+
+def test_store_lost_mid_run_stops_with_one_store_error(monkeypatch):
+  """The emulator stops after the first batch: the next failed read probes
+  the store, which does not answer, and the pipeline raises one StoreError
+  naming the endpoint (the reads after it fail at once, unretried)."""
+  server = GcsServer(bucket="lost").start()
+  for k, v in server.env.items():
+    monkeypatch.setenv(k, v)
+  calls, plain, gone, one_at_a_time = [], files.read_bytes, threading.Event(), threading.Lock()
+
+  def read(path):  # (what the client raises after its ~30 s of retries, at once)
+    with one_at_a_time:  # (no read is cut by the stop: the client would retry it)
+      calls.append(path)
+      if gone.is_set():
+        raise ConnectionRefusedError(111, "Connect call failed", path)
+      return plain(path)
+  try:
+    source, pipe = bucket_pipeline(server, "run", per_class=16)  # (more than prefetched)
+    monkeypatch.setattr(files, "read_bytes", read)
+    it = iter(pipe)
+    first = next(it)
+    assert first["valid"].all() and pipe.skipped == 0
+    with one_at_a_time:
+      server.stop()
+      gone.set()
+    t0 = time.time()
+    with pytest.raises(store.StoreError) as e:
+      for _ in it:
+        pass
+  finally:
+    server.stop()
+  text = str(e.value)
+  assert text.startswith("images of gs://lost/run cannot be read any more: cannot reach "), text
+  assert f"nothing answers at 127.0.0.1:{server.port}" in text and "\n" not in text, text
+  assert time.time() - t0 < 20 and len(calls) <= source.num_examples
+  assert pipe.skipped <= 4, pipe.skipped  # (at most the batch in which it stopped)
+  with pytest.raises(store.StoreError):
+    source.describe()  # (every host-side use of the source stops too)

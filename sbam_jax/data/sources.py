@@ -38,7 +38,7 @@ from typing import Optional
 
 import numpy as np
 
-from sbam_jax import files, registry
+from sbam_jax import files, registry, store
 from sbam_jax.errors import ConfigError, DataError
 
 __all__ = ["DataError", "IndexedSource", "FolderSource", "TfdsSource", "SyntheticSource",
@@ -146,6 +146,7 @@ class FolderSource(IndexedSource):
     self.labels, self.classes, self.num_examples = labels, classes, len(paths)
     self.skipped = skipped
     self.class_counts = np.bincount(labels, minlength=len(classes)) if len(classes) else labels
+    self.watch = store.Watch(f"images of {shown(root)}")  # (only reads from a store fail it)
 
   @classmethod
   def from_config(cls, data, split: str) -> "FolderSource":
@@ -159,10 +160,14 @@ class FolderSource(IndexedSource):
     tf = import_tf()
     if not files.is_remote(self.root):
       return tf.io.read_file
-    return lambda path: tf.ensure_shape(tf.numpy_function(_fetch, [path], tf.string), [])
+    self.watch.stop_if_lost()
+    fetch = lambda path: _fetch(path, self.watch)
+    return lambda path: tf.ensure_shape(tf.numpy_function(fetch, [path], tf.string), [])
 
   def describe(self) -> str:
-    """Where, and how many images per class (the start-up header shows it)."""
+    """Where, and how many images per class (the start-up header shows it).
+    This, `name_of` and `reader` raise StoreError once the store is lost."""
+    self.watch.stop_if_lost()
     counts, names = self.class_counts, self.classes
     if len(counts) and counts.min() == counts.max():
       per = f"{counts[0]} each"
@@ -177,14 +182,21 @@ class FolderSource(IndexedSource):
             f"{len(names)} classes: {per}{skipped})")
 
   def name_of(self, position: int) -> str:
+    self.watch.stop_if_lost()  # (called for a skipped image: was the store lost?)
     return shown(str(self.paths[position]))
 
 
-def _fetch(path) -> np.ndarray:
+def _fetch(path, watch: store.Watch) -> np.ndarray:
   """A file's bytes, for tf.numpy_function (`path`: bytes in a tf.data map,
-  a 0-d array when eager); an object array, as np.bytes_ drops trailing NULs."""
-  path = path.item() if isinstance(path, np.ndarray) else path
-  return np.array(files.read_bytes(path.decode("utf-8", "surrogateescape")), dtype=object)
+  a 0-d array when eager); an object array, as np.bytes_ drops trailing NULs.
+  A failed read is a skipped image, unless `watch` finds the store lost."""
+  url = (path.item() if isinstance(path, np.ndarray) else path).decode("utf-8", "surrogateescape")
+  watch.stop_if_lost()
+  try:
+    return np.array(files.read_bytes(url), dtype=object)
+  except Exception as e:  # pylint: disable=broad-except
+    watch.failed(url, e)
+    raise
 
 
 def shown(path: str) -> str:
