@@ -111,10 +111,23 @@ def test_layout_round_trip_and_budget_choice():
   packed = np.asarray(layout.pack(view))[..., 0]
   np.testing.assert_array_equal(packed[0, :5], [1, 2, 5, 6, 7])
   np.testing.assert_array_equal(packed[1, :5], [9, 13, 14, 15, 16])
+  assert np.all(packed[:, 5:] == 0)                 # past each group's total
   back = np.asarray(layout.unpack(layout.pack(view)))[..., 0]
   for i, n in enumerate([2, 3, 1, 4]):
     np.testing.assert_array_equal(back[i, :n], np.asarray(view)[i, :n, 0])
-    assert np.all(back[i, n:] == back[i, n - 1])
+    assert np.all(back[i, n:] == 0)
+  # each one's backward is the other gather: the same as XLA's scatter-add
+  # transpose of the plain gathers, for cotangents on every slot
+  plain = lambda x, idx, used: packing._gather_used(x, idx, used)
+  g_flat = jax.random.normal(jax.random.key(0), (2, 6, 1))
+  g_view = jax.random.normal(jax.random.key(1), (4, 4, 1))
+  _, ref = jax.vjp(lambda v: plain(v.reshape(2, 8, 1), layout.to_flat, layout.flat_used), view)
+  _, got = jax.vjp(layout.pack, view)
+  np.testing.assert_array_equal(got(g_flat)[0], ref(g_flat)[0])
+  flat = jnp.arange(12.0).reshape(2, 6, 1)
+  _, ref = jax.vjp(lambda f: plain(f, layout.to_view, layout.view_used).reshape(4, 4, 1), flat)
+  _, got = jax.vjp(layout.unpack, flat)
+  np.testing.assert_array_equal(got(g_view)[0], ref(g_view)[0])
   spec = packing.PackSpec(2, (4, 5, 8))
   assert int(packing.choose_budget(lengths, spec)) == 1        # group totals 5, 5
   assert int(packing.choose_budget(jnp.asarray([4, 4, 1, 1]), spec)) == 2
