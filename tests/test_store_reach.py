@@ -332,10 +332,13 @@ def test_unreadable_bucket_images_are_named_skips(gcs, monkeypatch):
   assert not source.watch.lost
 
 
-def test_store_lost_mid_run_stops_with_one_store_error(monkeypatch):
+@pytest.mark.parametrize("names", [20, 0])
+def test_store_lost_mid_run_stops_with_one_store_error(monkeypatch, names):
   """The emulator stops after the first batch: the next failed read probes
   the store, which does not answer, and the pipeline raises one StoreError
-  naming the endpoint (the reads after it fail at once, unretried)."""
+  naming the endpoint (the reads after it fail at once, unretried). With
+  names=0 no skipped image is named (as after the first 20): the stop still
+  comes, from the pipeline's check of each batch with failed images."""
   server = GcsServer(bucket="lost").start()
   for k, v in server.env.items():
     monkeypatch.setenv(k, v)
@@ -349,6 +352,7 @@ def test_store_lost_mid_run_stops_with_one_store_error(monkeypatch):
       return plain(path)
   try:
     source, pipe = bucket_pipeline(server, "run", per_class=16)  # (more than prefetched)
+    pipe._max_names = names
     monkeypatch.setattr(files, "read_bytes", read)
     it = iter(pipe)
     first = next(it)

@@ -136,10 +136,11 @@ class InputPipeline:
     ok, pad = batch["ok"], batch["pad"]
     bad = ~ok & ~pad
     if bad.any():
+      getattr(self.source, "stop_if_unreadable", lambda: None)()
       self.skipped += int(bad.sum())
       for index in batch["index"][bad][: self._max_names - len(self.skipped_names)]:
         self.skipped_names.append(self.source.element_name(self, epoch, offset, int(index)))
-        logging.warning("skipped an image that failed to decode: %s", self.skipped_names[-1])
+        logging.warning("skipped an image that could not be read or decoded: %s", self.skipped_names[-1])
       if self.train:
         good = np.flatnonzero(ok)
         if good.size == 0:
