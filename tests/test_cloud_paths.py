@@ -12,8 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from gcs_server import gcs, objects  # noqa: F401  (gcs: the fixture)
+import gcs_server
+from gcs_server import objects
 from sbam_jax import files
+
+gcs = gcs_server.gcs  # the emulator fixture, found by pytest under this name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,9 +20,11 @@ from etils import epath
 from sbam_jax import files
 from sbam_jax.train import checkpointing
 
-from gcs_server import gcs  # noqa: F401  (the fixture)
+import gcs_server
 from test_train import launch, run
 from workdir_helpers import metrics, tensorboard_steps
+
+gcs = gcs_server.gcs  # the emulator fixture, found by pytest under this name
 
 # 2 epochs of 15 steps: random masking in epoch 1, SBAM (global group: the
 # salience ranking spans every device's tokens) in epoch 2; figures gather
