@@ -15,6 +15,7 @@ import pytest
 import gcs_server
 from gcs_server import objects
 from sbam_jax import files
+from workdir_helpers import run_env
 
 gcs = gcs_server.gcs  # the emulator fixture, found by pytest under this name
 
@@ -232,8 +233,8 @@ def test_demo_in_a_bucket_resumes_evaluates_and_converts(gcs, tmp_path):
   cwd, scratch = tmp_path / "cwd", tmp_path / "scratch"
   cwd.mkdir()
   scratch.mkdir()
-  env = dict(os.environ, **gcs.env, TMPDIR=str(scratch), JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", SBAM_JAX_CACHE=str(cwd / "cache"), PYTHONPATH=ROOT)
+  env = run_env(**gcs.env, TMPDIR=str(scratch), SBAM_JAX_CACHE=str(cwd / "cache"),
+                PYTHONPATH=ROOT)
   local = str(tmp_path / "local")  # the uninterrupted reference, beside the bucket's first run
   reference = launch(["--workdir", local, *SHORT, f"--config.data.path={data}"], env, cwd)
   run = gcs.url("run")

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 from sbam_jax import checkpoints
-from workdir_helpers import metrics
+from workdir_helpers import metrics, run_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(config, workdir, cache, *overrides):
-  env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env = run_env(overrides, SBAM_JAX_CACHE=cache, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
          os.path.join(ROOT, "configs", config), "--workdir", str(workdir), *overrides]
   return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,

@@ -17,7 +17,7 @@ import pytest
 from sbam_jax.errors import ConfigError, WriteError
 from sbam_jax.train import logging_utils, report as report_lib, workdir as workdir_lib
 from sbam_jax.train.step import TrainState, make_train_step
-from workdir_helpers import tensorboard_steps
+from workdir_helpers import run_env, tensorboard_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,7 +171,7 @@ def test_speed_and_eta_leave_out_compilation_and_side_work(monkeypatch, tmp_path
 # ---- end to end: refused resumes and failed starts leave the workdir as it was -----------
 
 def _train(workdir, *args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = run_env()
   cmd = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
          "--config.epochs=1", "--config.warmup_epochs=0", "--config.random_epochs=0",
          "--config.evals.knn.every=0", "--config.figure_every=1000", *args]

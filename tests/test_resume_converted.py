@@ -18,6 +18,7 @@ import torch
 from sbam_jax.models import model_config
 from sbam_jax.train import schedule
 from torch_reference import TorchMAE
+from workdir_helpers import run_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,8 +55,7 @@ def test_train_continues_a_converted_pytorch_checkpoint(tmp_path):
   src = tmp_path / "checkpoint-1.pth"
   torch.save({"model": ref.state_dict(), "optimizer": opt.state_dict(), "epoch": 1,
               "args": argparse.Namespace(epochs=6)}, src)
-  env = dict(os.environ, SBAM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3")
+  env = run_env(SBAM_JAX_CACHE=str(tmp_path / "cache"))
   conv = subprocess.run([sys.executable, "convert_checkpoints.py", "to-jax", str(src),
                          str(tmp_path / "warm")], cwd=ROOT, env=env, capture_output=True,
                         text=True)

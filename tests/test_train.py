@@ -14,7 +14,7 @@ import pytest
 
 from sbam_jax import config as C
 from sbam_jax.train import pretrain
-from workdir_helpers import final_state, metrics, tensorboard_steps
+from workdir_helpers import final_state, metrics, run_env, tensorboard_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,9 +31,9 @@ def cache(tmp_path_factory):
 
 
 def launch(workdir, cache, *overrides, devices=1, flags=()):
-  env = dict(os.environ, SBAM_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env = run_env(flags, SBAM_JAX_CACHE=cache,
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
          os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir), *flags, *overrides]
   return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,

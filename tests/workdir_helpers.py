@@ -1,10 +1,36 @@
 """Reading what a training run left in its workdir (a local folder or a
 bucket URL)."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 from sbam_jax import files
+
+_XLA_CACHE = []
+
+
+def run_env(args=(), **extra) -> dict:
+  """Environment for a train.py / convert subprocess: os.environ + `extra`,
+  with one persistent XLA compilation cache shared by the test session's
+  single-process runs. Those start the same few programs many times over
+  (a run, its resume, a second strategy to compare with), and compiling
+  was most of each run's time. Multi-process runs (`--num_processes` or
+  `--coordinator_address` in `args`) go without it: with a shared cache,
+  multi-process gloo runs on the CPU failed."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
+  if any(str(a).startswith(("--num_processes", "--coordinator_address")) for a in args):
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
+  if not _XLA_CACHE:
+    _XLA_CACHE.append(tempfile.mkdtemp(prefix="sbam-jax-test-xla-"))
+    atexit.register(shutil.rmtree, _XLA_CACHE[0], True)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE[0])
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  return env
 
 
 def metrics(workdir):

@@ -79,8 +79,9 @@ class PackedLayout:
 
   On the used slots `to_flat` and `to_view` are inverse one-to-one maps, so
   `pack` and `unpack` are each other's transposes: each one's backward is the
-  other gather, not a scatter-add (XLA serialises scatters; on the CPU the
-  qkv unpack's scatter cost a fifth of the qkv matmul).
+  other gather, not a scatter-add, which XLA serialises (ViT-B width, 1,600
+  tokens, CPU, forward + backward: unpack + pack beside the qkv matmul cost
+  9 ms against 23 ms with scatters, the matmul 60 ms).
   """
   to_flat: jax.Array
   to_view: jax.Array
