@@ -247,3 +247,35 @@ def _pad(v: jax.Array, shape: tuple) -> jax.Array:
   if v.shape == shape:
     return v
   return jnp.pad(v, [(0, t - d) for d, t in zip(v.shape, shape)])
+
+
+def switch_with_gradients(index, branches, params, args):
+  """`lax.switch(index, branches, params, *args)` for scalar losses
+  `branch(params, *args) -> (loss, aux)`, differentiable in `params` only,
+  where the branch that runs computes its own gradient in the forward.
+
+  Nothing but that gradient (the same tree in every branch) leaves the
+  switch for the backward, which scales it by the loss's cotangent. A switch
+  differentiated the usual way hands every activation of the branch out as a
+  residual: sharing their slots (`switch_sharing_residuals`) bounds the
+  memory, but copying them in and out cost the CPU step 5-8 %. `aux` and
+  `args` get no gradient; the branches must not close over traced values
+  (pass them in `args`): a custom_vjp cannot carry them."""
+
+  @jax.custom_vjp
+  def run(i, p, a):
+    return jax.lax.switch(i, branches, p, *a)
+
+  def run_fwd(i, p, a):
+    with_grad = [jax.value_and_grad(b, has_aux=True) for b in branches]
+    out, grad = jax.lax.switch(i, with_grad, p, *a)
+    return out, (grad, i, a)
+
+  def run_bwd(saved, ct):
+    grad, i, a = saved
+    scale = ct[0]
+    return (None, jax.tree.map(lambda g: (g * scale).astype(g.dtype), grad),
+            jax.tree.map(lambda _: None, a))
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(index, params, tuple(args))

@@ -65,13 +65,18 @@ def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.M
   the step number tells calls apart. None (the default) traces nothing."""
 
   def run(params, fixed, imgs, key, step, s, c, sal=None):
-    p = pack if s is spec else None
-    out = nnx.merge(graphdef, params, fixed)(imgs, key, s, capacity=c, pack=p, salience=sal)
+    model = nnx.merge(graphdef, params, fixed)
+    tokens = model.embed_patches(imgs)
+    plan, salience = masking.make_mask_plan(s, tokens, key, salience=sal)
     if on_plan is not None:
-      jax.debug.callback(on_plan, step, key, out.plan.ids_shuffle, out.plan.len_keep,
-                         ordered=False)
-    diag = masking.masking_stats(out.plan, out.salience, s.delta)
-    return out.loss, {k: diag.get(k, jnp.float32(jnp.nan)) for k in STAT_KEYS}
+      jax.debug.callback(on_plan, step, key, plan.ids_shuffle, plan.len_keep, ordered=False)
+    if s is spec and pack is not None and len(pack.budgets) > 1:
+      loss, _ = packed_loss(graphdef, params, fixed, imgs, plan, c, pack)
+    else:
+      loss = model.forward_with_plan(imgs, plan, c, tokens=tokens, salience=salience,
+                                     pack=pack if s is spec else None).loss
+    diag = masking.masking_stats(plan, salience, s.delta)
+    return loss, {k: diag.get(k, jnp.float32(jnp.nan)) for k in STAT_KEYS}
 
   def loss_fn(params, fixed, stats, batch, key, step):
     imgs = device_ops.normalize(device_ops.pixels(batch, image_size), jnp.float32)
@@ -85,6 +90,25 @@ def pretrain_loss(graphdef, *, spec: masking.MaskingSpec, warmup_spec: masking.M
     return loss, (diag, stats)
 
   return loss_fn
+
+
+def packed_loss(graphdef, params, fixed, imgs, plan: masking.MaskPlan, capacity: int,
+                pack: packing.PackSpec):
+  """(loss, pred) with the encoder's tokens packed into the budget chosen on
+  the device. Each budget's branch takes its own gradient
+  (`packing.switch_with_gradients`), so no activation crosses the switch;
+  differentiable in `params` only."""
+  def branch(budget):
+    one = packing.PackSpec(pack.groups, (budget,))
+
+    def run(p, f, x, pl):
+      out = nnx.merge(graphdef, p, f).forward_with_plan(x, pl, capacity, pack=one)
+      return out.loss, out.pred
+    return run
+
+  index = packing.choose_budget(plan.len_keep + 1, pack)
+  return packing.switch_with_gradients(index, [branch(b) for b in pack.budgets], params,
+                                       (fixed, imgs, plan))
 
 
 def check_config(config, *, num_devices: int, num_processes: int) -> masking.MaskingSpec:
